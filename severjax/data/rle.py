@@ -1,0 +1,81 @@
+"""Kaggle run-length encoding of masks.
+
+Pixels are numbered from 1, top to bottom then left to right (column-major); an RLE string is
+space-separated "start length" pairs in increasing order; "" is the empty mask. Both directions are
+vectorised with numpy (no Python loop over pixels or runs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KAGGLE_SHAPE = (256, 1600)
+
+
+def rle_encode(mask: np.ndarray) -> str:
+    """Encodes a 2-D boolean mask as a Kaggle RLE string ("" when empty)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"rle_encode needs a 2-D mask, got shape {mask.shape}")
+    flat = np.ravel(mask, order="F").astype(bool)
+    padded = np.concatenate(([False], flat, [False])).view(np.int8)
+    edges = np.flatnonzero(np.diff(padded)) + 1  # 1-indexed starts, then 1-indexed ends + 1
+    if edges.size == 0:
+        return ""
+    edges[1::2] -= edges[::2]  # ends -> lengths
+    return " ".join(map(str, edges.tolist()))
+
+
+def rle_decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> np.ndarray:
+    """Decodes a Kaggle RLE string into a boolean mask of ``shape``.
+
+    Raises ValueError naming the fault: non-numeric text, an odd count of numbers, a start < 1 or a
+    length < 1, a run past the end of the image, runs that overlap or are out of order.
+    """
+    height, width = shape
+    size = height * width
+    text = "" if rle is None else str(rle).strip()
+    if not text or text.lower() == "nan":
+        return np.zeros(shape, dtype=bool)
+    tokens = text.split()
+    try:
+        numbers = np.array([int(t) for t in tokens], dtype=np.int64)
+    except ValueError:
+        bad = next(t for t in tokens if not _is_int(t))
+        raise ValueError(f"RLE holds non-numeric text {bad!r}") from None
+    if numbers.size % 2:
+        raise ValueError(f"RLE has an odd count of numbers ({numbers.size}): it must be 'start length' pairs")
+    starts, lengths = numbers[0::2], numbers[1::2]
+    if (starts < 1).any():
+        i = int(np.argmax(starts < 1))
+        raise ValueError(f"RLE run {i} starts at {starts[i]}: starts are 1-indexed and must be >= 1")
+    if (lengths < 1).any():
+        i = int(np.argmax(lengths < 1))
+        raise ValueError(f"RLE run {i} (start {starts[i]}) has length {lengths[i]}: lengths must be >= 1")
+    ends = starts + lengths - 1  # inclusive, 1-indexed
+    if (ends > size).any():
+        i = int(np.argmax(ends > size))
+        raise ValueError(
+            f"RLE run {i} (start {starts[i]}, length {lengths[i]}) ends at pixel {ends[i]}, "
+            f"past the end of a {height}x{width} image ({size} pixels)")
+    if starts.size > 1:
+        clash = starts[1:] <= ends[:-1]
+        if clash.any():
+            i = int(np.argmax(clash)) + 1
+            what = "is out of order" if starts[i] < starts[i - 1] else "overlaps the run before it"
+            raise ValueError(
+                f"RLE run {i} (start {starts[i]}) {what} (previous run {starts[i - 1]}..{ends[i - 1]})")
+    # Vectorised fill: +1 at each start, -1 after each end, cumulative sum marks the covered pixels.
+    delta = np.zeros(size + 1, dtype=np.int32)
+    delta[starts - 1] += 1  # starts are unique, and so are ends (runs were checked to be disjoint)
+    delta[ends] -= 1
+    mask = np.cumsum(delta[:-1]) > 0
+    return mask.reshape((width, height)).T
+
+
+def _is_int(token: str) -> bool:
+    try:
+        int(token)
+        return True
+    except ValueError:
+        return False

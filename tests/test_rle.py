@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from severjax.data.rle import rle_decode, rle_encode
+
+
+def test_known_example():
+    mask = np.zeros((256, 1600), bool)
+    mask[0, 0] = mask[1, 0] = mask[0, 1] = True
+    assert rle_encode(mask) == "1 2 257 1"
+    np.testing.assert_array_equal(rle_decode("1 2 257 1"), mask)
+
+
+def test_empty_and_full():
+    assert rle_encode(np.zeros((4, 5), bool)) == ""
+    assert not rle_decode("", (4, 5)).any()
+    assert rle_encode(np.ones((4, 5), bool)) == "1 20"
+    assert rle_decode("1 20", (4, 5)).all()
+
+
+@pytest.mark.parametrize("density", [0.001, 0.1, 0.5, 0.99])
+def test_random_round_trip(density):
+    rng = np.random.default_rng(int(density * 1000))
+    mask = rng.random((256, 1600)) < density
+    out = rle_decode(rle_encode(mask))
+    assert out.dtype == bool and out.shape == (256, 1600)
+    np.testing.assert_array_equal(out, mask)
+
+
+def test_adjacent_runs_and_other_shape():
+    # Adjacent runs are legal (another writer may not merge them) and decode to one block.
+    np.testing.assert_array_equal(rle_decode("1 2 3 1", (2, 2)), np.array([[1, 1], [1, 0]], bool))
+    mask = np.random.default_rng(1).random((7, 3)) < 0.5
+    np.testing.assert_array_equal(rle_decode(rle_encode(mask), (7, 3)), mask)
+
+
+@pytest.mark.parametrize(
+    "rle, message",
+    [
+        ("1 2 3", "odd count"),
+        ("0 2", "starts at 0"),
+        ("-3 2", "starts at -3"),
+        ("1 0", "length 0"),
+        ("409599 3", "past the end"),
+        ("5 2 6 1", "overlaps"),
+        ("5 2 1 1", "out of order"),
+        ("1 2 x 4", "non-numeric"),
+        ("1.5 2", "non-numeric"),
+    ],
+)
+def test_malformed_raises(rle, message):
+    with pytest.raises(ValueError, match=message):
+        rle_decode(rle)
