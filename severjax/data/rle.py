@@ -33,10 +33,27 @@ def rle_decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> np.ndarray:
     length < 1, a run past the end of the image, runs that overlap or are out of order.
     """
     height, width = shape
+    starts, lengths = parse_runs(rle, shape)
+    if starts.size == 0:
+        return np.zeros(shape, dtype=bool)
+    # Vectorised fill: +1 at each start, -1 after each end, cumulative sum marks the covered pixels.
+    delta = np.zeros(height * width + 1, dtype=np.int32)
+    delta[starts - 1] += 1  # starts are unique, and so are ends (runs were checked to be disjoint)
+    delta[starts + lengths - 1] -= 1
+    return (np.cumsum(delta[:-1]) > 0).reshape((width, height)).T
+
+
+def parse_runs(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """Parses and checks an RLE string without building the mask: returns (starts, lengths), 1-indexed.
+
+    Cheap enough to validate every row of a CSV; raises the same ValueErrors as ``rle_decode``.
+    """
+    height, width = shape
     size = height * width
     text = "" if rle is None else str(rle).strip()
     if not text or text.lower() == "nan":
-        return np.zeros(shape, dtype=bool)
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
     tokens = text.split()
     try:
         numbers = np.array([int(t) for t in tokens], dtype=np.int64)
@@ -65,12 +82,7 @@ def rle_decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> np.ndarray:
             what = "is out of order" if starts[i] < starts[i - 1] else "overlaps the run before it"
             raise ValueError(
                 f"RLE run {i} (start {starts[i]}) {what} (previous run {starts[i - 1]}..{ends[i - 1]})")
-    # Vectorised fill: +1 at each start, -1 after each end, cumulative sum marks the covered pixels.
-    delta = np.zeros(size + 1, dtype=np.int32)
-    delta[starts - 1] += 1  # starts are unique, and so are ends (runs were checked to be disjoint)
-    delta[ends] -= 1
-    mask = np.cumsum(delta[:-1]) > 0
-    return mask.reshape((width, height)).T
+    return starts, lengths
 
 
 def _is_int(token: str) -> bool:
