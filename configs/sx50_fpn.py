@@ -1,0 +1,24 @@
+"""fpn / se_resnext50_32x4d at 256x416 crops, global batch 36: the original solution's fpn-se_resnext run."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+
+def get_config():
+    """Only the values that differ from configs/common.py."""
+    config = common.get_config()
+    config.seed = 66432
+    config.batch_size = 36
+    config.epochs = 300
+    config.data.crop = (256, 416)
+    config.model.arch = "fpn"
+    config.model.encoder = "se_resnext50_32x4d"
+    config.model.decoder_merge_policy = "cat"
+    config.model.dropout = 0.1
+    return config
