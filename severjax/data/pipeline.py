@@ -1,0 +1,304 @@
+"""grain input pipeline: prepared TFDS records -> split -> per-process shuffled, augmented batches.
+
+    prepare_data(config)            Kaggle folder (or a synthetic one made on the spot) -> TFDS builder
+    split_ids(annotations, f, seed) stratified train/validation ids
+    train_loader(config, ...)       infinite, sharded, shuffled, augmented per-process batches
+    val_batches(config, ...)        full-size, normalised, zero-padded per-process batches
+
+Every process reads only its shard of the records (``grain.ShardOptions``), so the global batch of
+``config.batch_size`` is ``batch_size // process_count`` rows from each process. Records are decoded
+one at a time from array_record files; nothing holds the data set in memory.
+
+The seam for the issue-6 pseudo-label sampler is ``train_loader(..., sampling=...)``: a callable
+``(labelled_source, shard_options, per_process_batch, seed) -> (source, sampler)`` returning any grain
+``RandomAccessDataSource`` whose records carry uint8 ``image`` (H, W, 1) and ``mask`` (H, W, 4), and a
+grain ``Sampler`` over it. grain's DataLoader asks the sampler for global index
+``i * shard_count + shard_index`` for this process's i-th record (the batch row ``i % batch``); the
+sampler must give each ``RecordMetadata`` an ``rng`` (e.g. ``Philox(key=seed + index)``) so the
+augmentation stays reproducible, and a stable ``__repr__`` (grain checks it on resume).
+:func:`default_sampling` is the plain shuffled sampler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from severjax.data import augment, kaggle, tfds_severstal
+
+KAGGLE_HINT = (
+    "download it with `kaggle competitions download -c severstal-steel-defect-detection`, unzip it so the "
+    "folder holds train.csv and train_images/, and point --config.data.dir at it "
+    "(or set config.data.synthetic to generate a synthetic set there)")
+
+# Per-worker read-ahead: decoded records are ~2 MB each (image + 4-channel mask), so grain's default of
+# 500 buffered records per worker would hold ~1 GB; a few batches ahead keep the augmenting thread busy.
+READ_THREADS = 4
+READ_AHEAD_BATCHES = 2
+
+Sampling = Callable[[Any, grain.sharding.ShardOptions, int, int], tuple[Any, Any]]
+
+
+def prepare_data(config: Any):
+    """Returns the prepared ``severstal`` TFDS builder for ``config.data.dir``.
+
+    When ``config.data.synthetic`` is set and the folder has no ``train.csv``, the synthetic set is
+    generated there first; a missing real-data folder is an error saying how to get the Kaggle data.
+    The TFDS set is written once to ``config.data.tfds_dir`` (default ``<data.dir>/tfds``) and reused.
+    """
+    folder = os.path.abspath(os.path.expanduser(config.data.dir))
+    csv_path = os.path.join(folder, "train.csv")
+    if not os.path.isfile(csv_path):
+        synthetic = config.data.synthetic
+        if synthetic is None:
+            raise FileNotFoundError(f"no Kaggle Severstal data at {folder} (no train.csv): {KAGGLE_HINT}")
+        from severjax.data import synthetic as synthetic_lib  # only needed for the quickstart
+
+        synthetic_lib.make_dataset(folder, int(synthetic.n_train), int(synthetic.n_test), int(synthetic.seed))
+    tfds_dir = os.path.expanduser(config.data.tfds_dir) if config.data.tfds_dir else os.path.join(folder, "tfds")
+    return tfds_severstal.load(tfds_dir, folder)
+
+
+def split_ids(annotations: Mapping[str, Any], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Splits image ids into (train, val), stratified by the number of defect classes per image.
+
+    ``annotations`` maps image id to either its four RLE strings or its class count. In each stratum
+    ``round(n * val_fraction)`` ids, drawn with ``seed``, go to validation. Both lists come back sorted.
+    """
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    strata: dict[int, list[str]] = {}
+    for image_id in sorted(annotations):
+        value = annotations[image_id]
+        count = int(value) if isinstance(value, (int, np.integer)) else tfds_severstal.count_classes(value)
+        strata.setdefault(count, []).append(image_id)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for count in sorted(strata):
+        ids = strata[count]
+        order = rng.permutation(len(ids))
+        n_val = int(round(len(ids) * float(val_fraction)))
+        val.extend(ids[i] for i in order[:n_val])
+        train.extend(ids[i] for i in order[n_val:])
+    return sorted(train), sorted(val)
+
+
+class TrainLoader:
+    """Iterable over this process's training batches; each ``iter()`` starts at ``start_state``.
+
+    The iterator (grain's) is infinite and yields {"image": float32 (b, h, w, 1), "mask": float32
+    (b, h, w, 4)}; ``it.get_state()`` -> bytes and ``it.set_state(bytes)`` resume it exactly.
+    """
+
+    def __init__(self, loader: grain.DataLoader, num_records: int, batch_size: int, start_state: bytes | None):
+        self.loader = loader
+        self.num_records = num_records  # training records over all processes
+        self.batch_size = batch_size  # rows a batch on this process
+        self.start_state = start_state
+
+    def __iter__(self):
+        iterator = iter(self.loader)
+        if self.start_state is not None:
+            iterator.set_state(self.start_state)
+        return iterator
+
+
+def train_loader(
+    config: Any,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    seed: int | None = None,
+    start_state: bytes | None = None,
+    builder: Any = None,
+    sampling: Sampling | None = None,
+) -> TrainLoader:
+    """Returns this process's infinite, shuffled, augmented training batches (see :class:`TrainLoader`).
+
+    ``process_index``/``process_count`` default to JAX's; ``seed`` to ``config.seed``; ``builder`` to
+    :func:`prepare_data` (config); ``sampling`` to :func:`default_sampling`. The shuffle is reshuffled
+    every epoch and each record's augmentation draws from the rng grain derives from (seed, index).
+    """
+    index, count = _process(process_index, process_count)
+    batch = _per_process(config.batch_size, count, "batch_size")
+    seed = int(config.seed if seed is None else seed)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"the train seed must be in [0, 2**32), got {seed}")
+    builder = prepare_data(config) if builder is None else builder
+    train, _ = _split(config, builder)
+    labelled = RecordSubset(builder.as_data_source("train"), _record_indices(builder, train), "train")
+    shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
+    source, sampler = (sampling or default_sampling)(labelled, shard, batch, seed)
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[_Augment(config), grain.transforms.Batch(batch_size=batch, drop_remainder=True)],
+        worker_count=int(config.data.workers),
+        shard_options=shard,
+        read_options=_read_options(batch),
+    )
+    return TrainLoader(loader, num_records=len(source), batch_size=batch, start_state=start_state)
+
+
+def default_sampling(source: Any, shard: grain.sharding.ShardOptions, batch: int, seed: int) -> tuple[Any, Any]:
+    """The labelled source alone, globally shuffled per epoch, endless; ``batch`` is unused here."""
+    del batch
+    return source, grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed)
+
+
+def val_batches(
+    config: Any,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    builder: Any = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Yields this process's validation batches: full 256x1600 images, normalised only.
+
+    Each batch is {"image": (b, 256, 1600, 1), "mask": (b, 256, 1600, 4), "weight": (b,)} float32 with
+    b = ``eval_batch_size // process_count``; the validation ids are split evenly over processes and
+    padded with zero rows of weight 0 so that every batch has the same shape and every process yields
+    the same number of batches (a pmapped eval step compiles once and never waits on a missing host).
+    """
+    index, count = _process(process_index, process_count)
+    batch = _per_process(config.eval_batch_size, count, "eval_batch_size")
+    builder = prepare_data(config) if builder is None else builder
+    _, val = _split(config, builder)
+    if not val:
+        raise ValueError(f"no validation images (val_fraction={config.data.val_fraction}, limit_val="
+                         f"{config.data.limit_val})")
+    indices = _record_indices(builder, val)
+    start, stop = len(indices) * index // count, len(indices) * (index + 1) // count
+    per_process = -(-len(indices) // count)
+    n_rows = -(-per_process // batch) * batch
+    source = _Padded(RecordSubset(builder.as_data_source("train"), indices[start:stop], "val"), n_rows)
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=grain.samplers.SequentialSampler(n_rows, grain.sharding.NoSharding()),
+        operations=[_Normalize(config), grain.transforms.Batch(batch_size=batch, drop_remainder=False)],
+        worker_count=0,  # decoding runs in grain's read threads; normalising is cheap
+        shard_options=grain.sharding.NoSharding(),
+        read_options=_read_options(batch),
+    )
+    yield from loader
+
+
+def record_annotations(builder: Any) -> dict[str, int]:
+    """{image_id: number of defect classes} of the prepared set, from its metadata (no decoding)."""
+    metadata = builder.info.metadata
+    return dict(zip(metadata["image_ids"], (int(n) for n in metadata["n_classes"])))
+
+
+class RecordSubset:
+    """The records of ``source`` at ``indices``, as a grain random-access source.
+
+    Its ``repr`` names the subset by a digest of its indices, so grain rejects resuming a loader
+    state on a different split.
+    """
+
+    def __init__(self, source: Any, indices: Sequence[int], name: str):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.source[int(self.indices[i])]
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha256(self.indices.tobytes()).hexdigest()[:12]
+        return f"RecordSubset({self.name}, n={len(self.indices)}, indices={digest})"
+
+
+class _Padded:
+    """``source`` followed by empty placeholder records up to ``length`` rows."""
+
+    def __init__(self, source: RecordSubset, length: int):
+        self.source, self.length = source, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.source[i] if i < len(self.source) else {"padding": True}
+
+    def __repr__(self) -> str:
+        return f"Padded({self.source!r}, length={self.length})"
+
+
+class _Augment(grain.transforms.RandomMap):
+    """Decoded record -> augmented float32 crop; randomness only from grain's per-record rng."""
+
+    def __init__(self, config: Any):
+        self.kwargs = augment.train_kwargs(config)
+        self._transform = None
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self._transform is None:  # built lazily: once per worker process
+            self._transform = augment.train_transform(**self.kwargs)
+        image, mask = augment.apply(self._transform, element["image"], element["mask"], rng)
+        return {"image": image, "mask": mask}
+
+
+class _Normalize(grain.transforms.Map):
+    """Decoded record (or padding placeholder) -> normalised full image, mask and weight."""
+
+    def __init__(self, config: Any):
+        self.mean, self.std = float(config.data.mean), float(config.data.std)
+        self.shape = tuple(int(v) for v in config.data.image_shape)
+        self._transform = None
+
+    def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+        height, width = self.shape
+        if element.get("padding"):
+            return {"image": np.zeros((height, width, 1), np.float32),
+                    "mask": np.zeros((height, width, kaggle.NUM_CLASSES), np.float32),
+                    "weight": np.float32(0.0)}
+        if self._transform is None:
+            self._transform = augment.eval_transform(mean=self.mean, std=self.std)
+        image, mask = augment.apply(self._transform, element["image"], element["mask"])
+        return {"image": image, "mask": mask, "weight": np.float32(1.0)}
+
+
+def _split(config: Any, builder: Any) -> tuple[list[str], list[str]]:
+    train, val = split_ids(record_annotations(builder), config.data.val_fraction, config.data.split_seed)
+    if config.data.limit_train:
+        train = train[: int(config.data.limit_train)]
+    if config.data.limit_val:
+        val = val[: int(config.data.limit_val)]
+    if not train:
+        raise ValueError(f"no training images in {config.data.dir} after the split and limit_train")
+    return train, val
+
+
+def _record_indices(builder: Any, ids: Sequence[str]) -> np.ndarray:
+    position = {image_id: i for i, image_id in enumerate(builder.info.metadata["image_ids"])}
+    return np.asarray([position[i] for i in ids], dtype=np.int64)
+
+
+def _read_options(batch: int) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=READ_THREADS,
+                             prefetch_buffer_size=max(READ_THREADS, READ_AHEAD_BATCHES * batch))
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is outside [0, process_count={count})")
+    return index, count
+
+
+def _per_process(global_batch: int, count: int, name: str) -> int:
+    if global_batch % count:
+        raise ValueError(f"config.{name}={global_batch} is not divisible by the {count} processes")
+    return global_batch // count
