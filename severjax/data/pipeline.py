@@ -10,13 +10,14 @@ Every process reads only its shard of the records (``grain.ShardOptions``), so t
 one at a time from array_record files; nothing holds the data set in memory.
 
 The seam for the issue-6 pseudo-label sampler is ``train_loader(..., sampling=...)``: a callable
-``(labelled_source, shard_options, per_process_batch, seed) -> (source, sampler)`` returning any grain
-``RandomAccessDataSource`` whose records carry uint8 ``image`` (H, W, 1) and ``mask`` (H, W, 4), and a
-grain ``Sampler`` over it. grain's DataLoader asks the sampler for global index
-``i * shard_count + shard_index`` for this process's i-th record (the batch row ``i % batch``); the
-sampler must give each ``RecordMetadata`` an ``rng`` (e.g. ``Philox(key=seed + index)``) so the
-augmentation stays reproducible, and a stable ``__repr__`` (grain checks it on resume).
-:func:`default_sampling` is the plain shuffled sampler.
+``(labelled_source, shard_options, global_batch, seed) -> (source, sampler)`` returning any grain
+random-access source whose records carry uint8 ``image`` (H, W, 1) and ``mask`` (H, W, 4), and a grain
+``Sampler`` over it. grain's DataLoader asks the sampler for global index ``i * shard_count +
+shard_index`` for this process's i-th record and batches ``global_batch // shard_count`` of them; the
+sampler must give each ``RecordMetadata`` an ``rng`` so the augmentation stays reproducible, and a
+stable ``__repr__`` (grain checks it on resume). :func:`default_sampling` is the plain shuffled
+sampler; :func:`pseudo_sampling` mixes in pseudo-labelled images at a fixed count per batch
+(``severjax.data.sampling``) and is used when ``config.data.pseudo_csv`` is set.
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def train_loader(
     train, _ = _split(config, builder)
     labelled = RecordSubset(builder.as_data_source("train"), _record_indices(builder, train), "train")
     shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
-    source, sampler = (sampling or default_sampling)(labelled, shard, batch, seed)
+    if sampling is None:
+        sampling = pseudo_sampling(config) if config.data.pseudo_csv else default_sampling
+    source, sampler = sampling(labelled, shard, int(config.batch_size), seed)
     loader = grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -147,10 +150,67 @@ def train_loader(
 
 
 def default_sampling(source: Any, shard: grain.sharding.ShardOptions, batch: int, seed: int) -> tuple[Any, Any]:
-    """The labelled source alone, globally shuffled per epoch, endless; ``batch`` is unused here."""
+    """The labelled source alone, shuffled anew each epoch, endless; ``batch`` is unused here.
+
+    grain's ``IndexSampler`` gives process p the contiguous p-th of the records (``drop_remainder``:
+    every process the same count), reshuffles them each epoch and seeds record i's rng by seed + i.
+    """
     del batch
     return source, grain.samplers.IndexSampler(
         num_records=len(source), shard_options=shard, shuffle=True, num_epochs=None, seed=seed)
+
+
+def pseudo_sampling(config: Any) -> Sampling:
+    """Fixed-ratio mixing of the labelled records with the pseudo-labelled images of
+    ``config.data.pseudo_csv`` (a submission CSV, either layout) found in ``config.data.pseudo_images``:
+    every global batch holds the same number of each (``config.data.pseudo_alpha``; see
+    ``severjax.data.sampling``). The pseudo images are read straight from the folder, not via TFDS.
+    """
+    from severjax.data import sampling as sampling_lib
+
+    if not config.data.pseudo_images:
+        raise ValueError(f"config.data.pseudo_csv={config.data.pseudo_csv!r} needs config.data.pseudo_images, "
+                         "the folder holding its images")
+    pseudo = KaggleFolderSource(os.path.expanduser(config.data.pseudo_csv),
+                                os.path.expanduser(config.data.pseudo_images))
+    alpha = float(config.data.pseudo_alpha)
+
+    def sampling(labelled: Any, shard: grain.sharding.ShardOptions, batch: int, seed: int) -> tuple[Any, Any]:
+        del shard  # grain's DataLoader shards the sampler's global record stream
+        fixed = sampling_lib.FixedRatioSampler(len(labelled), len(pseudo), batch, alpha, seed)
+        return sampling_lib.ConcatSource(labelled, pseudo), sampling_lib.GrainFixedRatioSampler(fixed)
+
+    return sampling
+
+
+class KaggleFolderSource:
+    """Records {"image", "mask", "image_id"} read from a Kaggle CSV (either layout) and an image folder.
+
+    Random access, decoding one JPEG at a time; every image the CSV names must be in the folder.
+    """
+
+    def __init__(self, csv_path: str, image_dir: str):
+        self.csv_path, self.image_dir = csv_path, image_dir
+        annotations = kaggle.read_submission(csv_path)
+        on_disk = set(kaggle.list_images(image_dir))
+        missing = sorted(set(annotations) - on_disk)
+        if missing:
+            raise FileNotFoundError(f"{csv_path}: {len(missing)} image(s) it names are not in {image_dir}: "
+                                    f"{', '.join(missing[:5])}")
+        self.ids = sorted(annotations)
+        self.rles = [annotations[i] for i in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_id = self.ids[int(i)]
+        return {"image": kaggle.load_image(os.path.join(self.image_dir, image_id)),
+                "mask": kaggle.masks_from_rles(self.rles[int(i)]), "image_id": image_id.encode()}
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha256("\n".join(self.ids).encode()).hexdigest()[:12]
+        return f"KaggleFolderSource({os.path.basename(self.csv_path)}, n={len(self.ids)}, ids={digest})"
 
 
 def val_batches(
