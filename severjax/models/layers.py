@@ -1,0 +1,372 @@
+"""Shared layers with PyTorch semantics, and the encoder interface every encoder follows.
+
+Encoder interface
+-----------------
+An encoder is a ``flax.linen.Module`` constructed with the fields ``in_channels: int`` and
+``dtype: Any = jnp.float32`` (the compute dtype; parameters stay float32), plus its own fields.
+
+* ``__call__(self, x, train: bool) -> list`` of 6 feature maps, NHWC, like SMP 0.6.0's encoders:
+  ``features[0]`` is the input ``x`` itself, then feature maps at strides 2, 4, 8, 16, 32.
+* ``out_channels`` (class attribute or property): tuple of 6 ints, the channels of those maps; equal to
+  SMP 0.6.0's ``encoder.out_channels`` for the same ``in_channels`` (so ``out_channels[0] == in_channels``).
+* ``torch_ignored`` (class attribute): tuple of torch state-dict key prefixes, relative to the encoder,
+  that the PyTorch encoder carries but never uses in ``forward`` (EfficientNet's ``_conv_head.``/``_bn1.``,
+  ImageNet heads such as ``_fc.`` or ``last_linear.``). The converter drops exactly those, and says so.
+* The module file exposes ``ENCODERS: dict[str, Callable[..., nn.Module]]`` mapping each SMP encoder name
+  it provides to a constructor called as ``ENCODERS[name](in_channels=..., dtype=...)`` (for instance
+  ``functools.partial(SENetEncoder, variant="se_resnext50_32x4d")``). ``severjax.models.registry`` collects them.
+* Train-mode behaviour: BatchNorm via :class:`BatchNorm2d` (batch statistics, running stats in the
+  ``batch_stats`` collection), random ops take their key from ``self.make_rng("dropout")``.
+
+Naming rule (PyTorch state-dict key <-> Flax variable path)
+-----------------------------------------------------------
+Flax submodules are named after the PyTorch module attributes, so conversion is a table of name rules
+(implemented once in :func:`severjax.models.convert.torch_key_to_flax_path`):
+
+* Split the torch key on ``"."``; glue every all-digit segment onto the segment before it with ``"_"``.
+  ``encoder._blocks.3._bn1.weight`` -> module path ``encoder/_blocks_3/_bn1``;
+  ``decoder.seg_blocks.0.block.1.block.0.weight`` -> ``decoder/seg_blocks_0/block_1/block_0``;
+  ``segmentation_head.0.weight`` -> ``segmentation_head_0``. Name torch ``nn.Sequential``/``nn.ModuleList``
+  children ``f"{attr}_{index}"`` in Flax. Torch names that literally contain ``_<digits>`` (Inception-v4's
+  ``branch1_0``) keep their name unchanged: the rule only ever rewrites ``.<digits>``.
+* Leaves: ``Conv2d`` ``kernel`` <-> ``weight`` (OIHW -> HWIO; a depthwise kernel ``(C, 1, kh, kw)`` becomes
+  ``(kh, kw, 1, C)``, the Flax ``feature_group_count`` layout), ``bias`` <-> ``bias``; ``nn.Dense`` ``kernel``
+  <-> ``weight`` transposed; ``BatchNorm2d``/``GroupNorm`` ``scale``/``bias`` <-> ``weight``/``bias``;
+  ``batch_stats`` ``mean``/``var`` <-> ``running_mean``/``running_var`` (``num_batches_tracked`` is dropped:
+  Flax keeps no counter and torch uses it only when ``momentum=None``).
+
+Layers here: :class:`Conv2d` (explicit padding including TF-"same" static padding, stride, dilation, groups,
+bias; a fast depthwise path on CPU), :class:`BatchNorm2d` (torch eps/momentum and running-variance rule),
+:func:`max_pool2d` (``ceil_mode``), :func:`resize_bilinear_align_corners` and :func:`upsample_nearest`
+(bit-for-bit the index rules of ``torch.nn.functional.interpolate``), :func:`drop_connect`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Dtype = Any
+IntPair = Union[int, Tuple[int, int]]
+Padding = Union[int, Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]]
+
+# torch.nn.Conv2d's default init: kaiming_uniform(a=sqrt(5)) == uniform with variance 1/(3*fan_in).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# SMP's decoder init: kaiming_uniform(mode="fan_in", nonlinearity="relu").
+kaiming_uniform_relu = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
+# SMP's head init: xavier_uniform.
+xavier_uniform = nn.initializers.xavier_uniform()
+
+
+class Conv2d(nn.Module):
+    """``torch.nn.Conv2d`` on NHWC inputs: explicit (possibly asymmetric) padding, stride, dilation, groups.
+
+    ``padding`` is an int, a ``(ph, pw)`` pair (symmetric, as torch) or ``((top, bottom), (left, right))``
+    (TF-"same" static padding, see :func:`same_padding`). Depthwise convolutions (``groups == in == out``)
+    run as a sum of shifted slices on CPU (``depthwise_impl="auto"``), where XLA's grouped convolution is slow.
+    """
+
+    features: int
+    kernel_size: IntPair
+    stride: IntPair = 1
+    padding: Padding = 0
+    dilation: IntPair = 1
+    groups: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = torch_default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+    depthwise_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups or self.features % self.groups:
+            raise ValueError(
+                f"{self.name}: in={in_features} and out={self.features} channels must divide groups={self.groups}"
+            )
+        kh, kw = _pair(self.kernel_size)
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, in_features // self.groups, self.features))
+        stride, dilation, padding = _pair(self.stride), _pair(self.dilation), padding_pairs(self.padding)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        if self.groups > 1 and self.groups == in_features == self.features:
+            y = depthwise_conv2d(x, kernel, stride, padding, dilation, impl=self.depthwise_impl)
+        else:
+            y = lax.conv_general_dilated(
+                x, kernel, stride, padding, rhs_dilation=dilation,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups,
+            )
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
+        return y
+
+
+class BatchNorm2d(nn.Module):
+    """``torch.nn.BatchNorm2d`` on NHWC inputs, with torch's ``eps`` and ``momentum`` (0.1 = 10% new value).
+
+    Train: normalises with the biased batch variance and updates ``running_var`` with the unbiased one
+    (``n/(n-1)``), as torch does (``flax.linen.BatchNorm`` stores the biased one). Eval: the running stats,
+    in torch's CPU arithmetic ``x * a + b`` with ``a = weight/sqrt(var+eps)``, ``b = bias - mean*a``.
+    Statistics are computed in float32 whatever the compute ``dtype``; the output is ``dtype``.
+    """
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (c,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        if train:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        a = scale * lax.rsqrt(var + self.eps)
+        b = bias - mean * a
+        return (x.astype(jnp.float32) * a + b).astype(self.dtype)
+
+
+def same_padding(image_size: IntPair, kernel_size: IntPair, stride: IntPair, dilation: IntPair = 1):
+    """TF-"same" padding ``((top, bottom), (left, right))`` for a given input size (extra pixel at the end).
+
+    This is efficientnet_pytorch's ``Conv2dStaticSamePadding`` rule: output ``ceil(size/stride)``.
+    """
+    out = []
+    for i, k, s, d in zip(_pair(image_size), _pair(kernel_size), _pair(stride), _pair(dilation)):
+        o = math.ceil(i / s)
+        pad = max((o - 1) * s + (k - 1) * d + 1 - i, 0)
+        out.append((pad // 2, pad - pad // 2))
+    return tuple(out)
+
+
+def padding_pairs(padding: Padding) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Normalises torch/TF padding specs to ``((top, bottom), (left, right))``."""
+    if isinstance(padding, int):
+        return ((padding, padding), (padding, padding))
+    ph, pw = padding
+    if isinstance(ph, int) and isinstance(pw, int):
+        return ((ph, ph), (pw, pw))
+    return (tuple(ph), tuple(pw))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Depthwise convolution
+
+
+def depthwise_conv2d(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), impl="auto"):
+    """Depthwise convolution, NHWC input and ``(kh, kw, 1, C)`` kernel (channel multiplier 1).
+
+    ``impl``: ``"native"`` (``lax.conv_general_dilated`` with ``feature_group_count``), ``"taps"`` (sum over
+    the ``kh*kw`` taps of strided slices times the per-channel weights; XLA fuses it into one loop) or
+    ``"auto"``: taps on CPU, native elsewhere. The taps path has a custom gradient whose weight part
+    scans over row blocks, so the ``kh*kw`` reductions read cache-resident data.
+    """
+    stride, dilation = tuple(_pair(stride)), tuple(_pair(dilation))
+    padding = tuple(tuple(p) for p in padding_pairs(padding))
+    if impl == "auto":
+        impl = "taps" if jax.default_backend() == "cpu" else "native"
+    if impl == "native":
+        return lax.conv_general_dilated(
+            x, kernel, stride, padding, rhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        )
+    if impl != "taps":
+        raise ValueError(f"depthwise impl must be 'auto', 'native' or 'taps', got {impl!r}")
+    return _depthwise_taps(x, kernel, stride, padding, dilation)
+
+
+def _taps_forward(x, kernel, stride, padding, dilation):
+    kh, kw = kernel.shape[:2]
+    (sh, sw), (dh, dw) = stride, dilation
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    b, h, w, c = x.shape
+    oh = (h - (kh - 1) * dh - 1) // sh + 1
+    ow = (w - (kw - 1) * dw - 1) // sw + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(
+                x, (0, i * dh, j * dw, 0), (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            ) * kernel[i, j, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise_taps(x, kernel, stride, padding, dilation):
+    return _taps_forward(x, kernel, stride, padding, dilation)
+
+
+def _depthwise_taps_fwd(x, kernel, stride, padding, dilation):
+    return _taps_forward(x, kernel, stride, padding, dilation), (x, kernel)
+
+
+def _depthwise_taps_bwd(stride, padding, dilation, res, g):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda x_: _taps_forward(x_, kernel, stride, padding, dilation), x)
+    (dx,) = vjp_x(g)
+    dk = _depthwise_kernel_grad(x, g, kernel.shape, stride, padding, dilation).astype(kernel.dtype)
+    return dx, dk
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+_ROW_BLOCK_BYTES = 1 << 19  # ~512 KiB of input rows per scan step keeps the taps' reads in cache
+
+
+def _depthwise_kernel_grad(x, g, kernel_shape, stride, padding, dilation):
+    """d(loss)/d(kernel) of the taps convolution: ``sum_{b,y,x} xpad[b, i+s*y, j+s*x, c] * g[b, y, x, c]``."""
+    kh, kw = kernel_shape[:2]
+    (sh, sw), (dh, dw) = stride, dilation
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    b, oh, ow, c = g.shape
+    row_bytes = b * x.shape[2] * c * x.dtype.itemsize * sh
+    rows = int(max(1, min(oh, _ROW_BLOCK_BYTES // max(row_bytes, 1))))
+    n_blocks = -(-oh // rows)
+    g = jnp.pad(g, ((0, 0), (0, n_blocks * rows - oh), (0, 0), (0, 0)))
+    need = (n_blocks * rows - 1) * sh + (kh - 1) * dh + 1
+    if x.shape[1] < need:
+        x = jnp.pad(x, ((0, 0), (0, need - x.shape[1]), (0, 0), (0, 0)))
+    span = (rows - 1) * sh + (kh - 1) * dh + 1
+
+    def body(acc, block):
+        gb = lax.dynamic_slice_in_dim(g, block * rows, rows, axis=1)
+        xb = lax.dynamic_slice_in_dim(x, block * rows * sh, span, axis=1)
+        sums = []
+        for i in range(kh):
+            for j in range(kw):
+                tap = lax.slice(
+                    xb, (0, i * dh, j * dw, 0), (b, i * dh + (rows - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                    (1, sh, sw, 1),
+                )
+                sums.append(jnp.sum(tap * gb, axis=(0, 1, 2), dtype=jnp.float32))
+        return acc + jnp.stack(sums), None
+
+    acc, _ = lax.scan(body, jnp.zeros((kh * kw, c), jnp.float32), jnp.arange(n_blocks))
+    return acc.reshape(kh, kw, 1, c)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pooling, resizing, stochastic depth
+
+
+def max_pool2d(x: jax.Array, kernel_size: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0,
+               ceil_mode: bool = False) -> jax.Array:
+    """``torch.nn.functional.max_pool2d`` on NHWC (implicit -inf padding, torch's ``ceil_mode`` rule)."""
+    (kh, kw), (sh, sw) = _pair(kernel_size), _pair(stride if stride is not None else kernel_size)
+    ph, pw = _pair(padding)
+    pads = []
+    for size, k, s, p in ((x.shape[1], kh, sh, ph), (x.shape[2], kw, sw, pw)):
+        if ceil_mode:
+            out = -(-(size + 2 * p - k) // s) + 1
+            if (out - 1) * s >= size + p:  # the last window must start inside the input or left padding
+                out -= 1
+        else:
+            out = (size + 2 * p - k) // s + 1
+        pads.append((p, max((out - 1) * s + k - size - p, 0)))
+    init = jnp.array(-jnp.inf, x.dtype)
+    return lax.reduce_window(x, init, lax.max, (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0)))
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=True)`` on NHWC, with torch's index/weight rule.
+
+    ``jax.image.resize`` uses half-pixel centres (align_corners=False), hence this. Interpolates along W then
+    H, in float32 weights like torch's CPU kernel.
+    """
+    out_h, out_w = size
+    x = _lerp_axis(x, 2, out_w)
+    return _lerp_axis(x, 1, out_h)
+
+
+def upsample_nearest(x: jax.Array, size: Optional[Sequence[int]] = None, scale_factor: Optional[float] = None) -> jax.Array:
+    """``F.interpolate(x, size=..., mode="nearest")`` or ``scale_factor=...`` on NHWC, torch's legacy index rule.
+
+    Source index ``min(floor(dst * scale), in - 1)`` with ``scale = in/out`` (``size``) or ``1/scale_factor``;
+    an exact factor of two is a plain repeat.
+    """
+    if (size is None) == (scale_factor is None):
+        raise ValueError("upsample_nearest needs exactly one of size or scale_factor")
+    for axis in (1, 2):
+        n_in = x.shape[axis]
+        if size is not None:
+            n_out, scale = int(size[axis - 1]), None
+        else:
+            n_out, scale = int(math.floor(n_in * scale_factor)), 1.0 / scale_factor
+        x = _nearest_axis(x, axis, n_out, scale)
+    return x
+
+
+def drop_connect(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """Stochastic depth per sample (efficientnet_pytorch's ``drop_connect``): zero whole samples, rescale."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def channel_dropout(rate: float, name: Optional[str] = None) -> nn.Dropout:
+    """``nn.Dropout2d`` for NHWC: whole channels of a sample are zeroed (mask broadcast over H and W)."""
+    return nn.Dropout(rate, broadcast_dims=(1, 2), name=name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return (int(v[0]), int(v[1]))
+    return (int(v), int(v))
+
+
+def _nearest_axis(x, axis, n_out, scale):
+    n_in = x.shape[axis]
+    if n_out == n_in:
+        return x
+    if n_out == 2 * n_in:
+        return jnp.repeat(x, 2, axis=axis)
+    s = np.float32(n_in) / np.float32(n_out) if scale is None else np.float32(scale)
+    idx = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * s).astype(np.int64), n_in - 1)
+    return jnp.take(x, jnp.asarray(idx, jnp.int32), axis=axis)
+
+
+def _lerp_axis(x, axis, n_out):
+    n_in = x.shape[axis]
+    if n_out == n_in:
+        return x
+    scale = np.float32(n_in - 1) / np.float32(n_out - 1) if n_out > 1 else np.float32(0)
+    src = np.arange(n_out, dtype=np.float32) * scale
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    l1 = (src - i0.astype(np.float32)).astype(np.float32)
+    l0 = (np.float32(1) - l1).astype(np.float32)
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    x0 = jnp.take(x, jnp.asarray(i0, jnp.int32), axis=axis)
+    x1 = jnp.take(x, jnp.asarray(i1, jnp.int32), axis=axis)
+    w0 = jnp.asarray(l0.reshape(shape), x.dtype)
+    w1 = jnp.asarray(l1.reshape(shape), x.dtype)
+    return x0 * w0 + x1 * w1
