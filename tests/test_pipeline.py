@@ -78,8 +78,8 @@ def test_builder_round_trips_images_and_masks_without_tensorflow(folder, builder
     assert defect_free, "the synthetic set should hold defect-free images (no CSV row)"
     seen = set()
     for i in range(len(source)):
-        record = source[i]
-        image_id = record["image_id"].decode()
+        record = tfds_severstal.decode_record(source[i])
+        image_id = record["image_id"]
         seen.add(image_id)
         assert image_id == builder.info.metadata["image_ids"][i]
         assert record["image"].dtype == np.uint8 and record["image"].shape == (256, 1600, 1)

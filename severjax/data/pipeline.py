@@ -29,6 +29,7 @@ from typing import Any
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 
 from severjax.data import augment, kaggle, tfds_severstal
@@ -135,6 +136,8 @@ def train_loader(
     train, _ = _split(config, builder)
     labelled = RecordSubset(builder.as_data_source("train"), _record_indices(builder, train), "train")
     shard = grain.sharding.ShardOptions(shard_index=index, shard_count=count, drop_remainder=True)
+    if int(config.data.workers) > 0:
+        _absl_flags_parsed()
     if sampling is None:
         sampling = pseudo_sampling(config) if config.data.pseudo_csv else default_sampling
     source, sampler = sampling(labelled, shard, int(config.batch_size), seed)
@@ -206,7 +209,7 @@ class KaggleFolderSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         image_id = self.ids[int(i)]
         return {"image": kaggle.load_image(os.path.join(self.image_dir, image_id)),
-                "mask": kaggle.masks_from_rles(self.rles[int(i)]), "image_id": image_id.encode()}
+                "mask": kaggle.masks_from_rles(self.rles[int(i)]), "image_id": image_id}
 
     def __repr__(self) -> str:
         digest = hashlib.sha256("\n".join(self.ids).encode()).hexdigest()[:12]
@@ -257,7 +260,8 @@ def record_annotations(builder: Any) -> dict[str, int]:
 
 
 class RecordSubset:
-    """The records of ``source`` at ``indices``, as a grain random-access source.
+    """The records of the TFDS ``source`` at ``indices``, decoded (``tfds_severstal.decode_record``), as
+    a grain random-access source.
 
     Its ``repr`` names the subset by a digest of its indices, so grain rejects resuming a loader
     state on a different split.
@@ -272,7 +276,7 @@ class RecordSubset:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.source[int(self.indices[i])]
+        return tfds_severstal.decode_record(self.source[int(self.indices[i])])
 
     def __repr__(self) -> str:
         digest = hashlib.sha256(self.indices.tobytes()).hexdigest()[:12]
@@ -343,6 +347,13 @@ def _split(config: Any, builder: Any) -> tuple[list[str], list[str]]:
 def _record_indices(builder: Any, ids: Sequence[str]) -> np.ndarray:
     position = {image_id: i for i, image_id in enumerate(builder.info.metadata["image_ids"])}
     return np.asarray([position[i] for i in ids], dtype=np.int64)
+
+
+def _absl_flags_parsed() -> None:
+    """grain 0.2.18's worker pool reads an absl flag without a default fallback; outside ``absl.app``
+    (scripts, notebooks, pytest) nobody parsed flags, so mark them parsed with their defaults."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _read_options(batch: int) -> grain.ReadOptions:
