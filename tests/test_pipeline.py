@@ -226,6 +226,22 @@ def test_resume_from_state_gives_the_identical_next_batch(folder, builder):
     np.testing.assert_array_equal(next(iterator)["image"], expected[0]["image"])
 
 
+@pytest.mark.slow
+def test_worker_processes_resume_exactly(folder, builder):
+    config = make_config(folder, builder, workers=1)
+    iterator = iter(pipeline.train_loader(config, process_index=0, process_count=1, builder=builder))
+    next(iterator)
+    state = iterator.get_state()
+    want = next(iterator)
+    assert want["image"].shape == (4, 128, 256, 1) and want["mask"].shape == (4, 128, 256, 4)
+    resumed = iter(pipeline.train_loader(config, process_index=0, process_count=1, builder=builder,
+                                         start_state=state))
+    got = next(resumed)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["mask"], want["mask"])
+    del iterator, resumed
+
+
 def test_val_batches_are_padded_with_zero_weight(folder, builder):
     config = make_config(folder, builder)
     _, val_ids = pipeline.split_ids(pipeline.record_annotations(builder), 0.2, 0)

@@ -22,6 +22,7 @@ sampler; :func:`pseudo_sampling` mixes in pseudo-labelled images at a fixed coun
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,19 +53,26 @@ def prepare_data(config: Any):
 
     When ``config.data.synthetic`` is set and the folder has no ``train.csv``, the synthetic set is
     generated there first; a missing real-data folder is an error saying how to get the Kaggle data.
-    The TFDS set is written once to ``config.data.tfds_dir`` (default ``<data.dir>/tfds``) and reused.
+    The TFDS set is written once to ``config.data.tfds_dir`` (default ``<data.dir>/tfds``; set it when
+    the data folder is read-only, as on Kaggle) and reused. A lock file there serialises processes that
+    share the folder: the first prepares, the others wait and reuse.
     """
     folder = os.path.abspath(os.path.expanduser(config.data.dir))
-    csv_path = os.path.join(folder, "train.csv")
-    if not os.path.isfile(csv_path):
-        synthetic = config.data.synthetic
-        if synthetic is None:
-            raise FileNotFoundError(f"no Kaggle Severstal data at {folder} (no train.csv): {KAGGLE_HINT}")
-        from severjax.data import synthetic as synthetic_lib  # only needed for the quickstart
-
-        synthetic_lib.make_dataset(folder, int(synthetic.n_train), int(synthetic.n_test), int(synthetic.seed))
     tfds_dir = os.path.expanduser(config.data.tfds_dir) if config.data.tfds_dir else os.path.join(folder, "tfds")
-    return tfds_severstal.load(tfds_dir, folder)
+    synthetic = config.data.synthetic
+    if synthetic is None and not os.path.isfile(os.path.join(folder, "train.csv")):
+        raise FileNotFoundError(f"no Kaggle Severstal data at {folder} (no train.csv): {KAGGLE_HINT}")
+    os.makedirs(tfds_dir, exist_ok=True)
+    with open(os.path.join(tfds_dir, ".prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.isfile(os.path.join(folder, "train.csv")):
+                from severjax.data import synthetic as synthetic_lib  # only needed for the quickstart
+
+                synthetic_lib.make_dataset(folder, int(synthetic.n_train), int(synthetic.n_test), int(synthetic.seed))
+            return tfds_severstal.load(tfds_dir, folder)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def split_ids(annotations: Mapping[str, Any], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -95,7 +103,10 @@ class TrainLoader:
     """Iterable over this process's training batches; each ``iter()`` starts at ``start_state``.
 
     The iterator (grain's) is infinite and yields {"image": float32 (b, h, w, 1), "mask": float32
-    (b, h, w, 4)}; ``it.get_state()`` -> bytes and ``it.set_state(bytes)`` resume it exactly.
+    (b, h, w, 4)}; ``it.get_state()`` -> bytes and ``it.set_state(bytes)`` resume it exactly. The stream
+    is a pure function of (seed, split, process index/count, ``config.data.workers``): grain hands
+    records to workers round-robin and each batches its own, so resuming needs the same worker count
+    (grain checks it, and the sampler and source, against the state).
     """
 
     def __init__(self, loader: grain.DataLoader, num_records: int, batch_size: int, start_state: bytes | None):
@@ -155,8 +166,9 @@ def train_loader(
 def default_sampling(source: Any, shard: grain.sharding.ShardOptions, batch: int, seed: int) -> tuple[Any, Any]:
     """The labelled source alone, shuffled anew each epoch, endless; ``batch`` is unused here.
 
-    grain's ``IndexSampler`` gives process p the contiguous p-th of the records (``drop_remainder``:
-    every process the same count), reshuffles them each epoch and seeds record i's rng by seed + i.
+    grain's ``IndexSampler`` gives process p the contiguous p-th of the records for good
+    (``drop_remainder``: every process the same count, the few left over are never read), reshuffles
+    them each epoch and seeds record i's augmentation rng with seed + i.
     """
     del batch
     return source, grain.samplers.IndexSampler(
