@@ -113,7 +113,7 @@ class Severstal(tfds.core.GeneratorBasedBuilder):
         pending: collections.deque = collections.deque()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # JPEG decoding releases the GIL
             for key, image_id in enumerate(sorted(annotations)):
-                pending.append((key, pool.submit(_encode_record, image_dir, image_id, annotations[image_id])))
+                pending.append((key, pool.submit(_read_example, image_dir, image_id, annotations[image_id])))
                 if len(pending) >= _ENCODE_AHEAD:
                     done_key, future = pending.popleft()
                     yield done_key, future.result()  # integer keys: records keep sorted-id order
@@ -170,7 +170,7 @@ def source_fingerprint(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _encode_record(image_dir: str, image_id: str, rles: list[str]) -> dict[str, Any]:
+def _read_example(image_dir: str, image_id: str, rles: list[str]) -> dict[str, Any]:
     return {
         "image_id": image_id,
         "image": kaggle.load_image(os.path.join(image_dir, image_id), IMAGE_SHAPE),
