@@ -8,11 +8,13 @@ pool padding 1, so each reduction halves the size exactly (ceil). Features are t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d
 
 _TAPS = (2, 4, 8, 14, 21)
 _OUT_CHANNELS = (64, 192, 384, 1024, 1536)
@@ -20,6 +22,9 @@ _OUT_CHANNELS = (64, 192, 384, 1024, 1536)
 
 class InceptionV4Encoder(nn.Module):
     """InceptionV4 feature extractor returning SMP's six features ``[x, /2, /4, /8, /16, /32]`` (NHWC)."""
+
+    # ImageNet head of pretrainedmodels/SMP-hub files; SMP's encoder deletes it, the converter drops it.
+    torch_ignored: ClassVar[tuple[str, ...]] = ("last_linear.",)
 
     in_channels: int = 3
     dtype: Any = jnp.float32
@@ -67,11 +72,10 @@ class BasicConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        pad = tuple((k // 2, k // 2) for k in self.kernel)  # 1x7 -> (0, 3); 3x3 -> (1, 1); 1x1 -> 0
-        x = nn.Conv(self.features, self.kernel, strides=(self.stride, self.stride), padding=pad,
-                    use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
-                         dtype=self.dtype, param_dtype=jnp.float32, name="bn")(x)
+        pad = tuple(k // 2 for k in self.kernel)  # 1x7 -> (0, 3); 3x3 -> (1, 1); 1x1 -> (0, 0)
+        x = Conv2d(self.features, self.kernel, stride=self.stride, padding=pad, use_bias=False,
+                   dtype=self.dtype, name="conv")(x)
+        x = BatchNorm2d(momentum=0.1, eps=1e-3, dtype=self.dtype, name="bn")(x, train)
         return nn.relu(x)
 
 
@@ -184,7 +188,7 @@ def _chain(parent: nn.Module, prefix: str, specs: Sequence[tuple], x: jax.Array,
 
 def _max_pool(x: jax.Array) -> jax.Array:
     """MaxPool2d(3, stride=2, padding=1) with -inf padding (SMP's patched pools)."""
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    return max_pool2d(x, 3, stride=2, padding=1)
 
 
 def _avg_pool(x: jax.Array) -> jax.Array:

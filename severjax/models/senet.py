@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d
 
 # SMP 0.6.0 settings shared by every SE-ResNeXt (senet.py `senet_encoders`).
 _GROUPS = 32
@@ -28,6 +30,9 @@ class SENetEncoder(nn.Module):
 
     ``layers`` is the number of bottlenecks per stage ((3, 4, 6, 3) for 50, (3, 4, 23, 3) for 101).
     """
+
+    # ImageNet head of pretrainedmodels/SMP-hub files; SMP's encoder deletes it, the converter drops it.
+    torch_ignored: ClassVar[tuple[str, ...]] = ("last_linear.",)
 
     in_channels: int = 3
     layers: Sequence[int] = (3, 4, 6, 3)
@@ -49,7 +54,7 @@ class SENetEncoder(nn.Module):
         features = [x]
         x = _Stem(_STEM_WIDTH, dtype=self.dtype, name="layer0")(x.astype(self.dtype), train)
         features.append(x)
-        x = _max_pool_ceil(x, window=3, stride=2)
+        x = max_pool2d(x, 3, stride=2, ceil_mode=True)  # layer0.pool: Caffe-style ceil_mode
         for stage, blocks in enumerate(self.layers):
             planes = 64 * 2**stage
             for i in range(blocks):
@@ -133,24 +138,11 @@ ENCODERS: dict[str, Callable[..., SENetEncoder]] = {
 
 def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
           bias: bool = False, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
-    """A PyTorch-style Conv2d: symmetric explicit padding, float32 params, compute in ``dtype``."""
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((padding, padding), (padding, padding)), feature_group_count=groups,
-                   use_bias=bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+    """A PyTorch Conv2d (symmetric padding), float32 params, compute in ``dtype``."""
+    return Conv2d(features, kernel, stride=stride, padding=padding, groups=groups, use_bias=bias,
+                  dtype=dtype, name=name)
 
 
-def _batch_norm(*, train: bool, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
-    """PyTorch BatchNorm2d defaults (momentum 0.1 == flax 0.9, eps 1e-5)."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def _max_pool_ceil(x: jax.Array, window: int, stride: int) -> jax.Array:
-    """MaxPool2d(window, stride, padding=0, ceil_mode=True): extra -inf padding on the bottom/right."""
-    pads = []
-    for size in x.shape[1:3]:
-        out = -(-(size - window) // stride) + 1
-        if (out - 1) * stride >= size:  # last window must start inside the input (PyTorch rule)
-            out -= 1
-        pads.append((0, max(0, (out - 1) * stride + window - size)))
-    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+def _batch_norm(*, train: bool, dtype: Any = jnp.float32, name: str | None = None) -> Callable:
+    """BatchNorm2d with PyTorch defaults (momentum 0.1, eps 1e-5), bound to the train flag."""
+    return functools.partial(BatchNorm2d(momentum=0.1, eps=1e-5, dtype=dtype, name=name), train=train)
