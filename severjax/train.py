@@ -20,7 +20,7 @@ import importlib.util
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,9 @@ from severjax import losses, optim
 from severjax.metrics import dice_per_image_class
 
 AXIS = "batch"
-ARCHS = ("unet", "fpn")
+ARCHS = ("unet", "fpn", "classifier")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 KAGGLE_HINT = (
     "download the Kaggle data with `kaggle competitions download -c severstal-steel-defect-detection`, "
     "unzip it so that the folder holds train.csv and train_images/ (and test_images/), and pass "
@@ -57,7 +58,8 @@ class TrainState(train_state.TrainState):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``<workdir>/checkpoints`` if any), evaluates each epoch, exports models.
 
-    Returns a summary: ``step``, ``best_val_dice``, ``best_step``, ``val`` (the last evaluation),
+    Returns a summary: ``step``, ``score_name`` (what selects the best model: ``dice_mean``, or for the
+    classifier ``accuracy_mean``), ``best_val_score``, ``best_step``, ``val`` (the last evaluation),
     ``stopped`` ("done" or "early_stop").
     """
     validate_config(config)
@@ -80,22 +82,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = create_train_state(config, model, tx)
     manager = create_checkpoint_manager(os.path.join(workdir, "checkpoints"), config)
     loader = iter(train_data)  # infinite; its get_state()/set_state() position goes into checkpoints
-    meta = {"best_val_dice": None, "best_step": None, "epochs_since_best": 0, "val": None}
+    meta = {"best_val_score": None, "best_step": None, "epochs_since_best": 0, "val": None}
     if manager.latest_step() is not None:
         state, meta = restore_checkpoint(manager, state, loader)
     start_step = int(state.step)
+    if config.early_stop_epochs and meta["epochs_since_best"] >= config.early_stop_epochs:
+        start_step = total_steps = int(state.step)  # a restarted run that had already stopped early
 
-    p_train_step = jax.pmap(
-        functools.partial(train_step, loss_config=dict(config.loss), schedules=schedules),
-        axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-    p_eval_step = jax.pmap(eval_step, axis_name=AXIS)
+    task = make_task(config, schedules)
+    p_train_step = jax.pmap(task.train_step, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    p_eval_step = jax.pmap(task.eval_step, axis_name=AXIS)
     base_key = jax.random.wrap_key_data(np.asarray(state.rng))
     p_state = jax_utils.replicate(state)
     del state
 
     logger = MetricLogger(workdir, enabled=is_chief)
     bar = _progress_bar(config, total_steps, start_step, enabled=is_chief)
-    summary = {"step": start_step, "stopped": "done"}
+    summary = {"step": start_step, "stopped": "early_stop" if start_step == total_steps and meta[
+        "epochs_since_best"] >= max(config.early_stop_epochs, 1) else "done"}
     pending = None  # (step, device metrics) of the step dispatched last, checked one step later
     history: list[dict[str, float]] = []
     try:
@@ -116,14 +120,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 history = []
             checkpoint_metrics = None
             if epoch_end and ((done // steps_per_epoch) % config.eval_every_epochs == 0 or done == total_steps):
-                val = evaluate(p_eval_step, p_state, pipeline.val_batches(
+                val = task.evaluate(p_eval_step, p_state, pipeline.val_batches(
                     config, process_index=jax.process_index(), process_count=jax.process_count(),
                     builder=builder))
                 logger.val(done, val)
+                score = task.score(val)
                 meta["val"] = val
-                checkpoint_metrics = {"val_dice_mean": val["dice_mean"]}
-                if meta["best_val_dice"] is None or val["dice_mean"] > meta["best_val_dice"]:
-                    meta.update(best_val_dice=val["dice_mean"], best_step=done, epochs_since_best=0)
+                checkpoint_metrics = {"val_score": score}
+                if meta["best_val_score"] is None or score > meta["best_val_score"]:
+                    meta.update(best_val_score=score, best_step=done, epochs_since_best=0)
                     ckpt_lib.export_model(os.path.join(workdir, "model_best"),
                                           host_variables(p_state), model_spec)
                 else:
@@ -143,11 +148,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         manager.wait_until_finished()
         manager.close()
         logger.close()
-    summary.update(best_val_dice=meta["best_val_dice"], best_step=meta["best_step"], val=meta["val"])
+    summary.update(score_name=task.score_name, best_val_score=meta["best_val_score"], best_step=meta["best_step"],
+                   val=meta["val"])
     return summary
 
 
 # ---------------------------------------------------------------------------------- the steps
+
+
+class Task(NamedTuple):
+    """What differs between segmentation and classifier training: steps, evaluation, model score."""
+
+    train_step: Callable  # (state, batch, rng) -> (state, metrics), under pmap
+    eval_step: Callable  # (state, batch) -> device outputs, under pmap
+    evaluate: Callable  # (p_eval_step, p_state, host batches) -> dict of figures
+    score_name: str  # the figure of ``evaluate`` that selects the best model (higher is better)
+
+    def score(self, val: Mapping[str, Any]) -> float:
+        value = float(val[self.score_name])
+        if not np.isfinite(value):
+            raise FloatingPointError(f"validation {self.score_name} is {value}: {val}")
+        return value
+
+
+def make_task(config: ml_collections.ConfigDict, schedules: Mapping[str, optax.Schedule]) -> Task:
+    """Segmentation (unet/fpn: BCE + Dice, val Dice) or classifier (BCE, val accuracy / ROC AUC)."""
+    if config.model.arch == "classifier":
+        from severjax import classify
+
+        return Task(functools.partial(classify.train_step, schedules=schedules), classify.eval_step,
+                    functools.partial(classify.evaluate, shard=shard_batch), "accuracy_mean")
+    return Task(functools.partial(train_step, loss_config=dict(config.loss), schedules=schedules),
+                eval_step, evaluate, "dice_mean")
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
@@ -239,13 +271,21 @@ def create_train_state(config: ml_collections.ConfigDict, model, tx: optax.Gradi
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     h, w = config.data.crop
     shape = (1, h, w, config.model.in_channels)
-    variables = jax.jit(functools.partial(model.init, train=False))(init_key, jnp.zeros(shape, jnp.float32))
+    variables = _init_variables(model, init_key, jnp.zeros(shape, jnp.float32))
     variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     if config.init_weights:
         variables = load_init_weights(config.init_weights, variables)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables["batch_stats"],
                              rng=jax.random.key_data(dropout_key))
+
+
+def _init_variables(model, key: jax.Array, x: jax.Array) -> Mapping[str, Any]:
+    """``model.init`` compiled once; on CPU without XLA's expensive passes (its many random ops took
+    minutes to optimise for a program that runs once)."""
+    lowered = jax.jit(functools.partial(model.init, train=False)).lower(key, x)
+    options = CPU_FAST_COMPILE if jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)(key, x)
 
 
 def load_init_weights(path: str, like: Mapping[str, Any]) -> dict[str, Any]:
@@ -286,13 +326,13 @@ def shard_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def create_checkpoint_manager(directory: str, config: ml_collections.ConfigDict):
-    """Orbax manager keeping the latest ``config.keep_checkpoints`` plus the best by val Dice."""
+    """Orbax manager keeping the latest ``config.keep_checkpoints`` plus the best by validation score."""
     import orbax.checkpoint as ocp
     from orbax.checkpoint import checkpoint_managers as policies
 
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=config.keep_checkpoints),
-        policies.BestN(get_metric_fn=lambda m: m["val_dice_mean"], reverse=False, n=1,
+        policies.BestN(get_metric_fn=lambda m: m["val_score"], reverse=False, n=1,
                        keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
@@ -460,11 +500,15 @@ class MetricLogger:
         return scalars
 
     def val(self, step: int, val: Mapping[str, Any]) -> None:
+        """Logs every figure of an evaluation; per-class lists as ``<name>_class<c>`` (1-based)."""
         if self._writer is None:
             return
-        for c, value in enumerate(val["dice"]):
-            self._writer.add_scalar(f"val/dice_class{c + 1}", value, step)
-        self._writer.add_scalar("val/dice_mean", val["dice_mean"], step)
+        for key, value in val.items():
+            if isinstance(value, (list, tuple)):
+                for c, v in enumerate(value):
+                    self._writer.add_scalar(f"val/{key}_class{c + 1}", v, step)
+            else:
+                self._writer.add_scalar(f"val/{key}", value, step)
         self._writer.flush()
 
     def close(self) -> None:
@@ -523,11 +567,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 
 
 def _main(argv) -> None:
-    from absl import flags
+    from absl import flags, logging
 
     if len(argv) > 1:
         raise ValueError(f"unexpected arguments {argv[1:]}")
     FLAGS = flags.FLAGS
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if jax.process_index() == 0:
@@ -546,8 +592,36 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Rejects ``--config.<key>=...`` overrides of keys the config does not define, naming them.
+
+    ml_collections would fail on them with a bare ``AttributeError: 'key'`` while parsing flags.
+    """
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if config_arg is None or not overrides:
+        return
+    path, _, arg = config_arg.partition(":")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config={config_arg}: no such config file {path!r}")
+    spec = importlib.util.spec_from_file_location("severjax_cli_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for name in overrides:
+        node = config
+        for part in name.split(".")[1:]:
+            if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+                raise SystemExit(f"--{name}: unknown config key {name!r} (not defined by {path} / "
+                                 "configs/common.py)")
+            node = node[part]
+
+
 if __name__ == "__main__":
+    import sys
+
     from absl import app
 
+    check_overrides(sys.argv[1:])
     _define_flags()
     app.run(_main)

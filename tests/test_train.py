@@ -1,0 +1,449 @@
+"""The trainer: pmapped step == single-device step, multi-process step, resume after SIGKILL, config errors.
+
+Multi-device cases run this file as a script in a subprocess (``python tests/test_train.py <case>``)
+because ``--xla_force_host_platform_device_count`` must be set before JAX initialises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LOSS = {"bce_weight": 0.6, "dice_weight": 0.4, "dice_eps": 1e-7}
+OPTIM = dict(b1=0.9, b2=0.999, eps=1e-8, threshold=5.0, encoder_lr=1e-2, encoder_wd=3e-5, decoder_lr=3e-2,
+             decoder_wd=3e-4, clip_norm=0.0, schedule="flat_cosine", flat_epochs=1)
+GLOBAL_BATCH, SIZE = 16, 32
+
+
+# ------------------------------------------------------------------------ helpers (also in scripts)
+
+
+def _tiny_model(use_bn: bool, dropout: float = 0.0):
+    import flax.linen as nn
+
+    class Encoder(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            h = nn.Conv(8, (3, 3), name="conv0")(x)
+            if use_bn:
+                h = nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(h)
+            return nn.relu(h)
+
+    class Tiny(nn.Module):
+        """encoder: conv (+BN) relu; decoder: conv, relu, dropout, 1x1 conv to 4 classes."""
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            h = Encoder(name="encoder")(x, train)
+            h = nn.Conv(8, (3, 3), name="conv1")(h)
+            h = nn.Dropout(dropout, deterministic=not train)(nn.relu(h))
+            return nn.Conv(4, (1, 1), name="head")(h)
+
+    return Tiny()
+
+
+def _tiny_state(use_bn: bool, dropout: float = 0.0):
+    import jax
+    import jax.numpy as jnp
+
+    from severjax import optim
+    from severjax.train import TrainState
+
+    model = _tiny_model(use_bn, dropout)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
+    tx, schedules = optim.create_optimizer(OPTIM, steps_per_epoch=2, epochs=3)
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                              batch_stats=variables.get("batch_stats", {}),
+                              rng=jax.random.key_data(jax.random.key(1)))
+    return state, schedules
+
+
+def _batch(seed: int = 0, n: int = GLOBAL_BATCH):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=(n, SIZE, SIZE, 1)).astype(np.float32)
+    mask = np.zeros((n, SIZE, SIZE, 4), np.float32)
+    for i in range(n):  # a few rectangles correlated with the image, so there is a signal to learn
+        c, y, x = i % 4, rng.integers(0, SIZE - 8), rng.integers(0, SIZE - 8)
+        if i % 3:
+            mask[i, y:y + 8, x:x + 8, c] = 1.0
+            image[i, y:y + 8, x:x + 8, 0] += 1.5 + c
+    return {"image": image, "mask": mask}
+
+
+def _flat(tree):
+    import jax
+
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _run_script(case: str, *args: str, devices: int = 8, timeout: int = 400) -> str:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout
+
+
+# ----------------------------------------------------------------------------- pmap == one device
+
+
+def test_pmapped_step_on_8_devices_equals_one_device_step():
+    """Two steps on 8 fake CPU devices vs one device over the same global batch of 16.
+
+    "Equal" (1e-5): without BatchNorm the 8-device step IS the single-device step (the Dice term is a
+    global sum, gradients are pmean'd). With BatchNorm each device normalises with its own 2 images'
+    statistics (as PyTorch DataParallel did), so the single-device reference computes BN statistics
+    per group of 2 images ("ghost" batches) and averages the groups' running statistics - what the
+    pmean of batch_stats after the step gives. Dropout off.
+    """
+    out = _run_script("eight_devices")
+    assert "OK bn=False" in out and "OK bn=True" in out, out
+
+
+def _case_eight_devices() -> None:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import jax_utils
+
+    from severjax import losses
+    from severjax.train import train_step
+
+    assert jax.local_device_count() == 8, jax.devices()
+    for use_bn in (False, True):
+        state, schedules = _tiny_state(use_bn)
+        p_step = jax.pmap(functools.partial(train_step, loss_config=LOSS, schedules=schedules),
+                          axis_name="batch", in_axes=(0, 0, None))
+        p_state = jax_utils.replicate(state)
+        ref = state
+        for step in range(2):
+            batch = _batch(step)
+            sharded = {k: v.reshape((8, -1) + v.shape[1:]) for k, v in batch.items()}
+            p_state, p_metrics = p_step(p_state, sharded, jax.random.key(step))
+            if use_bn:
+                ref, metrics = _ghost_bn_step(ref, batch, groups=8)
+            else:
+                ref, metrics = jax.jit(functools.partial(train_step, loss_config=LOSS, schedules=schedules,
+                                                         axis_name=None))(ref, batch, jax.random.key(step))
+            got = jax.device_get(jax_utils.unreplicate(p_metrics))
+            np.testing.assert_allclose(got["loss"], metrics["loss"], rtol=1e-5, atol=1e-6)
+        got_state = jax.device_get(jax_utils.unreplicate(p_state))
+        for name, tree in (("params", "params"), ("opt_state", "opt_state"), ("batch_stats", "batch_stats")):
+            want, have = _flat(getattr(ref, tree)), _flat(getattr(got_state, tree))
+            assert want.keys() == have.keys()
+            for key in want:
+                np.testing.assert_allclose(have[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"{name}{key}")
+        # every device holds the same replica after the steps
+        for leaf in jax.tree_util.tree_leaves(p_state.params):
+            np.testing.assert_array_equal(np.asarray(leaf[0]), np.asarray(leaf[7]))
+        if use_bn:
+            assert _flat(got_state.batch_stats), "BN model has no batch_stats"
+        print(f"OK bn={use_bn}")
+    del losses
+
+
+def _ghost_bn_step(state, batch, groups: int):
+    """Single-device reference: BN statistics per group of B/groups images, one global loss."""
+    import jax
+    import jax.numpy as jnp
+
+    from severjax import losses
+
+    def loss_fn(params):
+        logits, stats = [], []
+        for image in np.split(batch["image"], groups):
+            out, upd = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, image, train=True,
+                                      mutable=["batch_stats"])
+            logits.append(out)
+            stats.append(upd["batch_stats"])
+        terms = losses.bce_dice_loss(jnp.concatenate(logits), batch["mask"], bce_weight=0.6, dice_weight=0.4,
+                                     eps=1e-7)
+        mean_stats = jax.tree_util.tree_map(lambda *s: sum(s) / len(s), *stats)
+        return terms.loss, mean_stats
+
+    (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+    new = state.apply_gradients(grads=grads).replace(batch_stats=stats)
+    return new, {"loss": float(loss)}
+
+
+# ------------------------------------------------------------------------------- multi-process
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_together_through_jax_distributed(tmp_path):
+    """2 processes x 2 CPU devices (gloo) take two steps; equal to one device over the global batch.
+
+    They also write a train-state checkpoint (each process its own loader position) and an export.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "two_processes", str(port), str(i),
+                               str(tmp_path)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-6000:]
+
+    import functools
+
+    import jax
+
+    from severjax import checkpoint
+    from severjax.train import train_step
+
+    state, schedules = _tiny_state(use_bn=False)
+    step = jax.jit(functools.partial(train_step, loss_config=LOSS, schedules=schedules, axis_name=None))
+    for i in range(2):
+        state, _ = step(state, _batch(i), jax.random.key(i))
+    got = np.load(tmp_path / "params.npz")
+    want = _flat(state.params)
+    assert sorted(got.files) == sorted(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # the checkpoint holds each process's loader position; the export is loadable
+    loader_dir = tmp_path / "checkpoints" / "2" / "loader"
+    assert sorted(n for n in os.listdir(loader_dir) if n.startswith("process_")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    exported = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert exported == {"arch": "tiny"}
+    assert (tmp_path / "export" / "variables").is_dir()
+    del checkpoint
+
+
+class _Position:
+    """The get_state/set_state half of an input iterator: which batch comes next, as bytes."""
+
+    def __init__(self, tag: str):
+        self.state = tag.encode()
+
+    def get_state(self) -> bytes:
+        return self.state
+
+    def set_state(self, state: bytes) -> None:
+        self.state = state
+
+
+def _case_two_processes(port: str, process_id: str, out_dir: str) -> None:
+    import functools
+
+    import jax
+    from flax import jax_utils
+    import ml_collections
+
+    from severjax import checkpoint, train
+
+    pid = int(process_id)
+    assert train.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
+    assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
+    state, schedules = _tiny_state(use_bn=False)
+    p_step = jax.pmap(functools.partial(train.train_step, loss_config=LOSS, schedules=schedules),
+                      axis_name="batch", in_axes=(0, 0, None))
+    p_state = jax_utils.replicate(state)
+    for i in range(2):
+        batch = _batch(i)
+        local = {k: v[pid * 8:(pid + 1) * 8] for k, v in batch.items()}  # this process's shard
+        p_state, _ = p_step(p_state, train.shard_batch(local), jax.random.key(i))
+    config = ml_collections.ConfigDict({"keep_checkpoints": 2})
+    manager = train.create_checkpoint_manager(os.path.join(out_dir, "checkpoints"), config)
+    train.save_checkpoint(manager, 2, p_state, _Position(f"process {pid}"), {"best_val_dice": None}, None)
+    manager.wait_until_finished()
+    restored_loader = _Position("")
+    restored, meta = train.restore_checkpoint(manager, jax_utils.unreplicate(p_state), restored_loader)
+    assert restored_loader.state == f"process {pid}".encode(), restored_loader.state
+    assert int(restored.step) == 2 and meta == {"best_val_dice": None}
+    manager.close()
+    checkpoint.export_model(os.path.join(out_dir, "export"), train.host_variables(p_state), {"arch": "tiny"})
+    if pid == 0:
+        np.savez(os.path.join(out_dir, "params.npz"), **_flat(train.host_variables(p_state)["params"]))
+    print("OK process", pid)
+
+
+# ---------------------------------------------------------------------- resume after SIGKILL (CLI)
+
+RUN_CONFIG = """
+import os, sys
+sys.path.insert(0, {configs!r})
+import ml_collections, common
+
+def get_config():
+    c = common.get_config()
+    c.seed = 3
+    c.batch_size = 4
+    c.eval_batch_size = 4
+    c.epochs = 2
+    c.steps_per_epoch = 3
+    c.checkpoint_every = 2
+    c.keep_checkpoints = 10
+    c.log_every = 1
+    c.progress_bar = False
+    c.data.dir = {data!r}
+    c.data.synthetic = ml_collections.ConfigDict(dict(n_train=16, n_test=2, seed=0))
+    c.data.crop = (64, 128)
+    c.data.limit_val = 2
+    c.model.arch = "unet"
+    c.model.encoder = "efficientnet-b0"
+    c.model.dropout = 0.2
+    c.optim.schedule = "flat_cosine"
+    c.optim.flat_epochs = 1
+    return c
+"""
+
+
+def _train_cmd(config_path, workdir):
+    return [sys.executable, "-m", "severjax.train", f"--config={config_path}", f"--workdir={workdir}"]
+
+
+def _train_env(cache_dir):
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _finished_steps(workdir) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def _restore_raw(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return _flat(ckptr.restore(os.path.join(workdir, "checkpoints", str(step), "state")))
+
+
+def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    """python -m severjax.train on a synthetic set: run A straight through (6 steps, dropout on);
+    run B SIGKILLed right after its first checkpoint (step 2), then restarted in the same workdir.
+
+    The restart must restore params, optimizer state, step, rng and the input position: B's final
+    state (and exported model) equals A's bit for bit.
+    """
+    config_path = tmp_path / "run.py"
+    config_path.write_text(RUN_CONFIG.format(configs=os.path.join(ROOT, "configs"), data=str(tmp_path / "data")))
+    env = _train_env(tmp_path / "jax_cache")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+
+    done = subprocess.run(_train_cmd(config_path, run_a), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-6000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["step"] == 6 and summary["stopped"] == "done"
+    assert 0.0 <= summary["best_val_score"] <= 1.0 and summary["best_step"] in (3, 6)
+
+    proc = subprocess.Popen(_train_cmd(config_path, run_b), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 400
+    while not _finished_steps(run_b) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"run B ended before it could be killed:\n{err[-4000:]}"
+    killed_at = _finished_steps(run_b)
+    assert killed_at and max(killed_at) < 6, killed_at
+
+    resumed = subprocess.run(_train_cmd(config_path, run_b), env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert json.loads(resumed.stdout[resumed.stdout.index("{"):])["step"] == 6
+
+    want, got = _restore_raw(run_a, 6), _restore_raw(run_b, 6)
+    assert want.keys() == got.keys()
+    different = [k for k in want if not np.array_equal(want[k], got[k])]
+    assert not different, f"{len(different)} leaves differ after resuming from step {max(killed_at)}: {different[:5]}"
+    assert any("opt_state" in k for k in want) and any("rng" in k for k in want)
+
+    from severjax.checkpoint import load_model
+
+    _, var_a, spec_a = load_model(str(run_a))  # the workdir resolves to model_best
+    _, var_b, spec_b = load_model(str(run_b / "model_last"))
+    assert spec_a == spec_b and spec_a["normalize"] == {"mean": 0.3439, "std": 0.0383}
+    _, last_a, _ = load_model(str(run_a / "model_last"))
+    for key, value in _flat(last_a).items():
+        np.testing.assert_array_equal(value, _flat(var_b)[key], err_msg=key)
+    assert os.path.isfile(run_a / "config.json") and os.listdir(run_a / "tensorboard")
+    del var_a, spec_b
+
+
+# ---------------------------------------------------------------------------------- bad configs
+
+
+def _config(**data):
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import common
+
+    config = common.get_config()
+    config.data.dir = os.path.join(ROOT, "does-not-exist")
+    return config
+
+
+def test_bad_configs_fail_before_compiling_with_clear_messages(tmp_path):
+    from severjax.train import validate_config
+
+    config = _config()
+    with pytest.raises(FileNotFoundError, match="kaggle competitions download -c severstal-steel-defect-detection"):
+        validate_config(config, device_count=1)
+    config.data.synthetic = {"n_train": 8, "n_test": 0, "seed": 0}
+    validate_config(config, device_count=1)  # a synthetic set is generated on first use
+    config.data.crop = (256, 1632)
+    with pytest.raises(ValueError, match=r"config.data.crop=\(256, 1632\): must fit inside the 256x1600"):
+        validate_config(config, device_count=1)
+    config.data.crop = (256, 400)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        validate_config(config, device_count=1)
+    config.data.crop = (256, 416)
+    with pytest.raises(ValueError, match=r"config.batch_size=18: .* multiple of the device count \(8"):
+        validate_config(config, device_count=8)
+    config.batch_size = 16
+    validate_config(config, device_count=8)
+    config.data.crop_size = (1, 2)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) config.data.crop_size"):
+        validate_config(config, device_count=1)
+    del config.data["crop_size"]
+    config.init_weights = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        validate_config(config, device_count=1)
+    config.init_weights = ""
+    config.model.dtype = "float16"
+    with pytest.raises(ValueError, match="config.model.dtype='float16'"):
+        validate_config(config, device_count=1)
+
+
+def test_cli_rejects_unknown_override_and_missing_data(tmp_path):
+    bad_key = subprocess.run(_train_cmd(os.path.join(ROOT, "configs", "quickstart.py"), tmp_path / "w")
+                             + ["--config.optim.lr=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad_key.returncode != 0
+    assert "unknown config key 'config.optim.lr'" in bad_key.stderr
+    no_data = subprocess.run(_train_cmd(os.path.join(ROOT, "configs", "b5_fpn.py"), tmp_path / "w")
+                             + [f"--config.data.dir={tmp_path / 'severstal'}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert no_data.returncode != 0
+    assert "kaggle competitions download" in no_data.stderr and str(tmp_path / "severstal") in no_data.stderr
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    {"eight_devices": _case_eight_devices, "two_processes": _case_two_processes}[sys.argv[1]](*sys.argv[2:])
