@@ -172,13 +172,14 @@ def _convert(state_dict, expected, ignored, first_conv, in_channels, what):
             recycled.append(key)
         converted = to_flax_layout(value, target[1], want)
         if tuple(converted.shape) != want:
+            sources[full] = key
             wrong_shape.append(f"{key}: torch {tuple(value.shape)} -> flax {tuple(converted.shape)}, model wants {want}")
             continue
         assigned[full] = converted.astype(slots[target].dtype)
         sources[full] = key
 
     missing = [f"{flax_path_to_torch_key(c, tuple(p))} (flax {'/'.join((c, *p))})"
-               for (c, *p) in flat_expected if (c, *p) not in assigned]
+               for (c, *p) in flat_expected if (c, *p) not in sources]
     if len(recycled) > 1:
         collisions.append(f"more than one convolution recycled from 3 to 1 input channels: {recycled}")
     problems = []
