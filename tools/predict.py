@@ -1,0 +1,235 @@
+"""Predicts a folder of Severstal images with an ensemble and writes a Kaggle submission.
+
+    python tools/predict.py --checkpoint runs/fpn_b5 --checkpoint runs/unet_b5 \\
+        --images data/test_images --out submission.csv [--classifier runs/cls_b1] [--truth test_truth.csv]
+
+Each --checkpoint is an exported model (a folder with model.json) or a training workdir (its model_best,
+else model_last). Images are read by a background thread one batch ahead, so memory stays flat for any
+number of images. Pipeline: per model jit forward over the TTA views -> ensemble average -> jit
+post-processing (thresholds, one class per pixel, small components, minimum areas gated by the
+classifier, dilation) -> Kaggle RLE -> CSV. With --truth the score is computed from the written CSV by
+the code of tools/score.py, so both print the same number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from severjax.data import kaggle  # noqa: E402
+from severjax.predict.ensemble import (AVERAGES, TTA_MODES, Ensemble, ProbsWriter, load_members,  # noqa: E402
+                                       predict_images)
+from severjax.predict.postprocess import (DEFAULT_C_FACTOR, DEFAULT_MIN_AREA, DEFAULT_THRESHOLDS,  # noqa: E402
+                                          PostprocessConfig)
+
+# BGR colours of classes 1..4 in overlays: red, green, blue, yellow.
+CLASS_COLOURS = ((0, 0, 255), (0, 200, 0), (255, 64, 0), (0, 220, 255))
+OVERLAY_ALPHA = 0.4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="DIR",
+                   help="segmentation model: an exported model folder or a training workdir; repeat for an ensemble")
+    p.add_argument("--classifier", action="append", default=[], metavar="DIR",
+                   help="optional classifier model (arch 'classifier', 4 logits an image) gating the minimum "
+                        "areas; repeat to average several")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of 256x1600 .jpg/.png images")
+    p.add_argument("--out", required=True, metavar="CSV", help="submission CSV to write")
+    p.add_argument("--batch_size", type=int, default=8, help="images a batch (default 8)")
+    p.add_argument("--tta", choices=TTA_MODES, default="w",
+                   help="flip test-time augmentation, probabilities averaged over the views, flips undone: "
+                        "none; w = + horizontal flip (the original's); h = + vertical flip; hw = all 4 flips "
+                        "(default w)")
+    p.add_argument("--average", choices=AVERAGES, default="mean",
+                   help="how models' probabilities are combined: mean (default, the original's), rms "
+                        "(sqrt of mean of squares) or geo (geometric mean)")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="per-model weights, one per --checkpoint in order (default: equal)")
+    p.add_argument("--thresholds", default=_join(DEFAULT_THRESHOLDS), metavar="T1,T2,T3,T4",
+                   help=f"per-class probability thresholds, strictly greater passes (default {_join(DEFAULT_THRESHOLDS)})")
+    p.add_argument("--min_area", default=_join(DEFAULT_MIN_AREA), metavar="A1,A2,A3,A4",
+                   help="per-class minimum pixels an image: a class with fewer is wiped "
+                        f"(default {_join(DEFAULT_MIN_AREA)})")
+    p.add_argument("--min_component", type=int, default=0,
+                   help="remove connected components with fewer pixels before the area check (default 0 = off)")
+    p.add_argument("--connectivity", type=int, choices=(4, 8), default=8,
+                   help="pixel connectivity for --min_component (default 8, as cv2/scipy with a 3x3 structure)")
+    p.add_argument("--dilate", type=int, default=0,
+                   help="odd kernel size of a final dilation of the kept masks (default 0 = off)")
+    p.add_argument("--c_factor", type=float, default=DEFAULT_C_FACTOR,
+                   help="classifier gating: min_area = t0*c - t0*(c-1)*p with p the classifier probability "
+                        f"(default {DEFAULT_C_FACTOR}); used only with --classifier")
+    p.add_argument("--layout", choices=("competition", "post"), default="competition",
+                   help="competition: ImageId_ClassId,EncodedPixels, 4 rows an image (default); post: "
+                        "ImageId,ClassId,EncodedPixels, defect rows only")
+    p.add_argument("--sample_submission", default=None, metavar="CSV",
+                   help="predict exactly this CSV's images, in its row order (every one must be in --images)")
+    p.add_argument("--truth", default=None, metavar="CSV",
+                   help="ground truth (either layout): print the score, computed as tools/score.py does")
+    p.add_argument("--save_overlays", default=None, metavar="DIR",
+                   help="write a PNG an image: predicted masks filled translucent, true masks (with --truth) "
+                        "outlined; class colours red, green, blue, yellow")
+    p.add_argument("--save_probs", default=None, metavar="NPZ",
+                   help="also store the ensemble probabilities, quantised to uint8, for tools/tune.py")
+    p.add_argument("--skip_bad", action="store_true",
+                   help="report an unreadable or wrong-size image, write it as empty and go on (default: stop "
+                        "with an error naming the file)")
+    p.add_argument("--prefetch", type=int, default=2, help="batches read ahead by the reader thread (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> dict:
+    """Runs the prediction; returns the summary (images, bad, defects per class, images/s, score)."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    csv.field_size_limit(sys.maxsize)  # noisy masks make RLE fields longer than csv's default 128 KiB limit
+    config = PostprocessConfig(thresholds=_floats(args.thresholds, "--thresholds"),
+                               min_area=_floats(args.min_area, "--min_area"), min_component=args.min_component,
+                               connectivity=args.connectivity, dilate=args.dilate, c_factor=args.c_factor)
+    if config.num_classes != 4:
+        raise ValueError(f"--thresholds/--min_area need 4 values, got {config.num_classes}")
+    weights = None if args.weights is None else _floats(args.weights, "--weights")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size} must be >= 1")
+    ids = _image_ids(args.images, args.sample_submission)
+    truth = _read_truth(args.truth, ids) if args.truth else None
+
+    members = load_members(args.checkpoint)
+    classifiers = load_members(args.classifier, classifier=True) if args.classifier else []
+    ensemble = Ensemble(members, tta=args.tta, average=args.average, weights=weights, classifiers=classifiers,
+                        postprocess=config)
+    paths = [os.path.join(args.images, i) for i in ids]
+    probs_writer = ProbsWriter(args.save_probs, len(ids)) if args.save_probs else None
+    if args.save_overlays:
+        os.makedirs(args.save_overlays, exist_ok=True)
+
+    rows, bad, defects = {}, [], np.zeros(4, np.int64)
+    first_result = None
+    from tqdm import tqdm
+
+    try:
+        with tqdm(total=len(ids), unit="img", disable=args.quiet, desc="predict") as bar:
+            for result in predict_images(ensemble, paths, args.batch_size, skip_bad=args.skip_bad,
+                                         keep_masks=bool(args.save_overlays), keep_probs=probs_writer is not None,
+                                         prefetch=args.prefetch):
+                first_result = first_result or time.perf_counter()
+                rows[result.image_id] = result.rles
+                if result.error is not None:
+                    bad.append((result.image_id, result.error))
+                    bar.write(f"bad image {result.image_id}: {result.error} (written as empty)")
+                else:
+                    defects += np.asarray([bool(r) for r in result.rles])
+                    if args.save_overlays:
+                        _save_overlay(args.save_overlays, args.images, result, truth)
+                if probs_writer is not None:
+                    probs_writer.write(result.image_id, result.probs, result.class_probs)
+                bar.update(1)
+        if probs_writer is not None:
+            probs_writer.close()
+    except BaseException:
+        if probs_writer is not None and os.path.exists(probs_writer.tmp):
+            os.remove(probs_writer.tmp)
+        raise
+    kaggle.write_submission(args.out, rows, layout=args.layout, order=ids)
+    elapsed = time.perf_counter() - started
+
+    summary = {"images": len(ids), "bad": len(bad), "defects_per_class": defects.tolist(),
+               "seconds": elapsed, "images_per_s": len(ids) / elapsed}
+    print(f"wrote {args.out} ({args.layout} layout)")
+    print(f"images: {len(ids)}  bad: {len(bad)}  models: {len(members)}  classifiers: {len(classifiers)}  "
+          f"tta: {args.tta}  average: {args.average}")
+    print("images with a defect, by class: " + "  ".join(f"{c + 1}: {n}" for c, n in enumerate(defects)))
+    print(f"time: {elapsed:.1f} s, {summary['images_per_s']:.2f} images/s overall (model loading and "
+          f"compilation included)")
+    for image_id, error in bad:
+        print(f"bad image {image_id}: {error}")
+    if args.truth:
+        score_tool = _score_tool()
+        truth_rows, submission = score_tool.load_pair(args.truth, args.out)
+        for image_id in ids:  # the post layout has no row for an image predicted defect-free
+            submission.setdefault(image_id, [""] * 4)
+        per_class, score = score_tool.score_annotations(truth_rows, submission)
+        summary["per_class_dice"], summary["score"] = per_class.tolist(), score
+        print("dice by class: " + "  ".join(f"{c + 1}: {d:.5f}" for c, d in enumerate(per_class)))
+        print(f"score: {score:.5f}")
+    return summary
+
+
+def _image_ids(image_dir: str, sample_submission: str | None) -> list[str]:
+    on_disk = kaggle.list_images(image_dir)  # errors on a missing or empty folder
+    if sample_submission is None:
+        return on_disk
+    order = list(kaggle.read_submission(sample_submission))
+    missing = sorted(set(order) - set(on_disk))
+    if missing:
+        raise FileNotFoundError(f"{sample_submission}: {len(missing)} image(s) it lists are not in {image_dir}: "
+                                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    extra = len(set(on_disk) - set(order))
+    if extra:
+        print(f"note: {extra} image(s) in {image_dir} are not in {sample_submission} and are not predicted")
+    return order
+
+
+def _read_truth(csv_path: str, ids) -> dict:
+    """Truth RLEs for the overlays: ``{image_id: [4 RLE]}``, absent images (post layout) empty."""
+    truth = kaggle.read_submission(csv_path)
+    return {i: truth.get(i, [""] * 4) for i in ids}
+
+
+def _save_overlay(out_dir: str, image_dir: str, result, truth) -> None:
+    import cv2
+
+    grey = kaggle.load_image(os.path.join(image_dir, result.image_id))[..., 0]
+    canvas = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR).astype(np.float32)
+    for c, colour in enumerate(CLASS_COLOURS):
+        mask = result.masks[..., c]
+        if mask.any():
+            canvas[mask] = (1 - OVERLAY_ALPHA) * canvas[mask] + OVERLAY_ALPHA * np.asarray(colour, np.float32)
+    canvas = canvas.round().astype(np.uint8)
+    if truth is not None:
+        true_masks = kaggle.masks_from_rles(truth[result.image_id], grey.shape)
+        for c, colour in enumerate(CLASS_COLOURS):
+            if true_masks[..., c].any():
+                contours, _ = cv2.findContours(true_masks[..., c], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+                cv2.drawContours(canvas, contours, -1, colour, 2)
+    name = os.path.splitext(result.image_id)[0] + ".png"
+    if not cv2.imwrite(os.path.join(out_dir, name), canvas):
+        raise OSError(f"could not write overlay {os.path.join(out_dir, name)}")
+
+
+def _score_tool():
+    """tools/score.py as a module: the score printed here is computed by its very code."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "score.py")
+    spec = importlib.util.spec_from_file_location("severjax_tools_score", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def _join(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
