@@ -21,12 +21,13 @@ def get_config():
     config.seed = 2
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.epochs = 4
+    config.epochs = 20  # 480 steps: BatchNorm running stats (torch momentum 0.01) need a few hundred
+    config.eval_every_epochs = 5
     config.checkpoint_every = 100
     config.log_every = 10
     config.data.dir = os.path.expanduser("~/.cache/severjax/synthetic")
     config.data.synthetic = ml_collections.ConfigDict(dict(n_train=240, n_test=40, seed=0))
-    config.data.crop = (128, 512)
+    config.data.crop = (128, 256)
     config.data.std = 0.196
     config.data.limit_val = 48
     config.model.arch = "classifier"
@@ -37,5 +38,5 @@ def get_config():
     config.optim.encoder_lr = 1e-3
     config.optim.decoder_lr = 3e-3
     config.optim.schedule = "flat_cosine"
-    config.optim.flat_epochs = 1
+    config.optim.flat_epochs = 5
     return config
