@@ -102,9 +102,10 @@ def test_rle_layout_matches_rle_encode():
     probs[..., 1] *= 0.4  # class 2 never passes: empty masks too
     config = PostprocessConfig()
     masks = np.asarray(postprocess(probs, config))
-    masks_cwh, areas = postprocess_for_rle(probs, config)
+    masks_out, areas = postprocess_for_rle(probs, config)
     np.testing.assert_array_equal(np.asarray(areas), masks.sum(axis=(1, 2)))
-    rles = masks_to_rles(np.asarray(masks_cwh), np.asarray(areas))
+    np.testing.assert_array_equal(np.asarray(masks_out), masks)
+    rles = masks_to_rles(np.asarray(masks_out), np.asarray(areas))
     assert any(r for row in rles for r in row) and any(not r for row in rles for r in row)
     for b in range(2):
         assert rles[b] == [rle_encode(masks[b, :, :, c]) for c in range(4)]

@@ -99,7 +99,7 @@ class Ensemble:
 
     ``probabilities(images)`` gives the averaged segmentation probabilities ``(B, H, W, C)`` and the classifier
     probabilities ``(B, C)`` (or None) before post-processing; ``__call__`` adds post-processing and returns
-    ``(masks bool (B, C, W, H), areas int32 (B, C), class_probs or None)`` on the device (see
+    ``(masks bool (B, H, W, C), areas int32 (B, C), class_probs or None)`` on the device (see
     ``postprocess_for_rle``).
     """
 
@@ -326,7 +326,7 @@ def _host_results(batch: Batch, outputs, keep_masks: bool) -> Iterator[ImageResu
             yield ImageResult(image_id, [""] * masks.shape[1], None, None, error)
             continue
         yield ImageResult(image_id, rles[slot], areas[slot], None if class_probs is None else class_probs[slot], None,
-                          masks[slot].transpose(2, 1, 0) if keep_masks else None,
+                          masks[slot] if keep_masks else None,
                           None if probs is None else probs[slot])
         slot += 1
 
