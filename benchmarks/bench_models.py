@@ -1,7 +1,7 @@
 """Model speed on CPU: severjax (JAX/Flax, jit) against SMP 0.6.0 (PyTorch), same weights, same input.
 
     python benchmarks/bench_models.py [--models fpn:efficientnet-b5 unet:se_resnext50_32x4d] [--batch 2]
-                                      [--size 256 416] [--repeats 5] [--warmup 2] [--json out.json]
+                                      [--size 256 416] [--repeats 5] [--warmup 2] [--threads N] [--json out.json]
 
 For each model: forward in eval mode (torch under ``inference_mode``), and forward + backward in train mode
 (batch-statistics BatchNorm, dropout; loss ``mean(logits**2)``; JAX ``value_and_grad`` with mutable
@@ -36,9 +36,16 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32", help="JAX compute dtype")
     parser.add_argument("--only", choices=("forward", "backward"), default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both sides (torch intra-op; XLA: 1 disables its Eigen thread pool); "
+                             "default every core. On a shared, loaded machine 1 gives the steadier comparison")
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    torch = torch_setup()
+    if args.threads == 1:
+        if "jax" in sys.modules:
+            raise RuntimeError("--threads 1 must be set before jax is imported")
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    torch = torch_setup(args.threads)
     import jax
 
     print(f"batch {args.batch} x {args.size[0]}x{args.size[1]}x1, jax {jax.default_backend()}, "

@@ -73,6 +73,11 @@ def test_max_pool_ceil_mode_matches_torch(size, k, s, p):
     for ceil in (False, True):
         ref = F.max_pool2d(_nchw(x), k, s, p, ceil_mode=ceil)
         np.testing.assert_array_equal(layers.max_pool2d(jnp.asarray(x), k, s, p, ceil_mode=ceil), _nhwc(ref))
+    # differentiable, with torch's gradient (to the max of each window)
+    tx = _nchw(x).requires_grad_(True)
+    F.max_pool2d(tx, k, s, p, ceil_mode=True).sum().backward()
+    grad = jax.grad(lambda v: layers.max_pool2d(v, k, s, p, ceil_mode=True).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(grad, _nhwc(tx.grad))
 
 
 @pytest.mark.parametrize("src,dst", [((8, 13), (16, 26)), ((16, 26), (64, 104)), ((5, 7), (9, 4)), ((3, 1), (6, 2))])
@@ -288,7 +293,7 @@ def test_train_mode_runs_with_dropout_and_drop_connect():
 def test_train_mode_gradients_reach_every_parameter():
     model = create_model("fpn", "efficientnet-b0", dropout=0.2)
     x = jnp.asarray(RNG.randn(2, 64, 64, 1), jnp.float32)
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x)
+    variables = _random_variables(model)
 
     @jax.jit
     def grad(p, key):
@@ -300,6 +305,18 @@ def test_train_mode_gradients_reach_every_parameter():
 
     norms = [float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(grad(variables["params"], jax.random.PRNGKey(3)))]
     assert all(np.isfinite(norms)) and sum(n > 0 for n in norms) > 0.9 * len(norms)
+
+
+def test_registry_knows_every_smp_encoder_name():
+    from segmentation_models_pytorch.encoders import encoders as smp_encoders
+
+    from severjax.models.registry import encoder_constructor, encoder_names, encoder_torch_ignored
+
+    assert len(encoder_names()) == 11
+    for name in encoder_names():
+        assert name in smp_encoders
+        assert callable(encoder_constructor(name))
+        assert all(p.startswith("encoder.") for p in encoder_torch_ignored(name))
 
 
 def test_registry_errors_name_the_fault():

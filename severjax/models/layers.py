@@ -285,8 +285,8 @@ def max_pool2d(x: jax.Array, kernel_size: IntPair, stride: Optional[IntPair] = N
         else:
             out = (size + 2 * p - k) // s + 1
         pads.append((p, max((out - 1) * s + k - size - p, 0)))
-    init = jnp.array(-jnp.inf, x.dtype)
-    return lax.reduce_window(x, init, lax.max, (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0)))
+    # a Python -inf init lets JAX recognise the max monoid (reduce_window_max, differentiable)
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, kh, kw, 1), (1, sh, sw, 1), ((0, 0), *pads, (0, 0)))
 
 
 def resize_bilinear_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
