@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
         os.makedirs(args.save_overlays, exist_ok=True)
 
     rows, bad, defects = {}, [], np.zeros(4, np.int64)
-    first_result = None
+    first_batch_done, after_first = None, 0  # steady-state rate: images after the first batch (compilation)
     from tqdm import tqdm
 
     try:
@@ -122,7 +122,10 @@ def main(argv=None) -> dict:
             for result in predict_images(ensemble, paths, args.batch_size, skip_bad=args.skip_bad,
                                          keep_masks=bool(args.save_overlays), keep_probs=probs_writer is not None,
                                          prefetch=args.prefetch):
-                first_result = first_result or time.perf_counter()
+                if first_batch_done is None and bar.n >= min(args.batch_size, len(ids)) - 1:
+                    first_batch_done = time.perf_counter()
+                elif first_batch_done is not None:
+                    after_first += 1
                 rows[result.image_id] = result.rles
                 if result.error is not None:
                     bad.append((result.image_id, result.error))
@@ -140,17 +143,19 @@ def main(argv=None) -> dict:
         if probs_writer is not None and os.path.exists(probs_writer.tmp):
             os.remove(probs_writer.tmp)
         raise
+    finished = time.perf_counter()
     kaggle.write_submission(args.out, rows, layout=args.layout, order=ids)
     elapsed = time.perf_counter() - started
 
+    steady = after_first / (finished - first_batch_done) if after_first and finished > first_batch_done else None
     summary = {"images": len(ids), "bad": len(bad), "defects_per_class": defects.tolist(),
-               "seconds": elapsed, "images_per_s": len(ids) / elapsed}
+               "seconds": elapsed, "images_per_s": len(ids) / elapsed, "steady_images_per_s": steady}
     print(f"wrote {args.out} ({args.layout} layout)")
     print(f"images: {len(ids)}  bad: {len(bad)}  models: {len(members)}  classifiers: {len(classifiers)}  "
           f"tta: {args.tta}  average: {args.average}")
     print("images with a defect, by class: " + "  ".join(f"{c + 1}: {n}" for c, n in enumerate(defects)))
     print(f"time: {elapsed:.1f} s, {summary['images_per_s']:.2f} images/s overall (model loading and "
-          f"compilation included)")
+          f"compilation included)" + (f", {steady:.2f} images/s after the first batch" if steady else ""))
     for image_id, error in bad:
         print(f"bad image {image_id}: {error}")
     if args.truth:

@@ -323,7 +323,7 @@ def _host_results(batch: Batch, outputs, keep_masks: bool) -> Iterator[ImageResu
     slot = 0
     for image_id, error in batch.entries:
         if error is not None:
-            yield ImageResult(image_id, [""] * masks.shape[1], None, None, error)
+            yield ImageResult(image_id, [""] * masks.shape[-1], None, None, error)
             continue
         yield ImageResult(image_id, rles[slot], areas[slot], None if class_probs is None else class_probs[slot], None,
                           masks[slot] if keep_masks else None,
