@@ -24,7 +24,8 @@ CONFIGS = {
     "components8": PostprocessConfig(thresholds=(0.5, 0.4, 0.6, 0.5), min_area=(30, 30, 30, 30), min_component=25),
     "components4": PostprocessConfig(min_area=(0, 0, 0, 0), min_component=12, connectivity=4),
     "dilate3": PostprocessConfig(min_area=(40, 40, 40, 40), dilate=3),
-    "dilate5-components": PostprocessConfig(thresholds=(0.6,) * 4, min_area=(10, 10, 10, 10), min_component=8, dilate=5),
+    "dilate5-components": PostprocessConfig(thresholds=(0.6,) * 4, min_area=(10, 10, 10, 10), min_component=8,
+                                            dilate=5),
     "all-classes": PostprocessConfig(thresholds=(0.4,) * 4, min_area=(20, 20, 20, 20), one_class_per_pixel=False),
 }
 

@@ -23,6 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from severjax.data import kaggle  # noqa: E402
 from severjax.predict.ensemble import (AVERAGES, TTA_MODES, Ensemble, ProbsWriter, load_members,  # noqa: E402
@@ -48,14 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=TTA_MODES, default="w",
                    help="flip test-time augmentation, probabilities averaged over the views, flips undone: "
                         "none; w = + horizontal flip (the original's); h = + vertical flip; hw = all 4 flips "
-                        "(default w)")
+                        "(default w; classifiers use the same views)")
     p.add_argument("--average", choices=AVERAGES, default="mean",
                    help="how models' probabilities are combined: mean (default, the original's), rms "
                         "(sqrt of mean of squares) or geo (geometric mean)")
     p.add_argument("--weights", default=None, metavar="W1,W2,...",
                    help="per-model weights, one per --checkpoint in order (default: equal)")
     p.add_argument("--thresholds", default=_join(DEFAULT_THRESHOLDS), metavar="T1,T2,T3,T4",
-                   help=f"per-class probability thresholds, strictly greater passes (default {_join(DEFAULT_THRESHOLDS)})")
+                   help="per-class probability thresholds, strictly greater passes "
+                        f"(default {_join(DEFAULT_THRESHOLDS)})")
     p.add_argument("--min_area", default=_join(DEFAULT_MIN_AREA), metavar="A1,A2,A3,A4",
                    help="per-class minimum pixels an image: a class with fewer is wiped "
                         f"(default {_join(DEFAULT_MIN_AREA)})")
@@ -115,7 +117,6 @@ def main(argv=None) -> dict:
 
     rows, bad, defects = {}, [], np.zeros(4, np.int64)
     first_batch_done, after_first = None, 0  # steady-state rate: images after the first batch (compilation)
-    from tqdm import tqdm
 
     try:
         with tqdm(total=len(ids), unit="img", disable=args.quiet, desc="predict") as bar:

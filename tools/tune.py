@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import sys
@@ -33,11 +34,10 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import functools  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from severjax.data import kaggle  # noqa: E402
 from severjax.metrics import dice_per_image_class  # noqa: E402
@@ -144,9 +144,7 @@ class Data:
         return len(self.ids)
 
     def batches(self, desc: str):
-        """Yields (probs float32 (n, H, W, 4), truth bool (n, H, W, 4), class_probs (n, 4) or None)."""
-        from tqdm import tqdm
-
+        """Yields (probs uint8 (n, H, W, 4) = round(255 p), truth bool (n, H, W, 4), class_probs (n, 4) or None)."""
         ids = [str(i) for i in self.meta.image_ids]
         start = 0
         with tqdm(total=len(self.ids), unit="img", desc=desc, disable=self.quiet) as bar:
@@ -324,8 +322,6 @@ def _probabilities(args) -> tuple[str, bool]:
     temporary = args.probs is None
     path = args.probs or tempfile.mkstemp(suffix=".npz", prefix="severjax-tune-")[1]
     writer = ProbsWriter(path, len(ids))
-    from tqdm import tqdm
-
     try:
         for result in tqdm(predict_images(ensemble, [os.path.join(args.images, i) for i in ids], args.batch_size,
                                           keep_probs=True),

@@ -2,9 +2,10 @@
 
 ``load_members`` reads exported models or training workdirs (``severjax.checkpoint.load_model``); archs and
 encoders may differ, and each member normalises the uint8 images with its own ``model.json`` values.
-``Ensemble`` compiles one jit function a member (forward pass over all TTA views at once, flips undone,
-view probabilities averaged, the result folded into a running accumulator) and one jit function that
-finishes the average and post-processes; nothing holds more than one batch of probabilities a member.
+``Ensemble`` runs one jit-compiled forward a member (all TTA views in one batch, flips undone, view
+probabilities averaged; compiled once per architecture, TTA and shape, so members of one architecture
+share it), folds each member's result into a running accumulator (a small jit), and finishes the average
+and post-processes in one more jit: no more than one batch of probabilities is alive at a time.
 
 TTA views: ``none``; ``w`` (identity + horizontal flip, the original's choice); ``h`` (identity + vertical
 flip); ``hw`` (identity, both single flips and the double flip). Views are averaged by their mean.
