@@ -7,7 +7,8 @@ from scipy import ndimage
 
 from severjax.data.rle import rle_encode
 from severjax.predict.postprocess import (PostprocessConfig, component_sizes, gated_min_area, label_components,
-                                          masks_to_rles, postprocess, postprocess_for_rle, reference_postprocess)
+                                          masks_to_rles, postprocess, postprocess_for_rle, reference_postprocess,
+                                          remove_small_components)
 
 
 def smooth_probs(seed, shape=(3, 40, 64, 4), sigma=2.5):
@@ -86,6 +87,15 @@ def test_component_sizes_match_scipy_label():
                 # Same partition: the pairs (ours, scipy's) are a bijection on the foreground.
                 pairs = set(zip(labels[idx][ref > 0].tolist(), ref[ref > 0].tolist()))
                 assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == ref.max()
+
+
+def test_component_removal_strategies_agree():
+    """Plane by plane (CPU default) and all planes at once (accelerator default) give the same masks."""
+    masks = jnp.asarray(smooth_probs(5, shape=(2, 30, 44, 4), sigma=1.5) > 0.6)
+    masks = masks.at[1, :, :, 2].set(False)  # an empty plane: skipped by the per-plane path
+    one = np.asarray(remove_small_components(masks, 9, 8, per_plane=True))
+    np.testing.assert_array_equal(one, np.asarray(remove_small_components(masks, 9, 8, per_plane=False)))
+    assert 0 < one.sum() < np.asarray(masks).sum()
 
 
 def test_long_snake_component():
