@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import time_fn  # noqa: E402
+
 from severjax.data.rle import rle_decode, rle_encode  # noqa: E402
 
 
@@ -50,16 +52,6 @@ def masks() -> dict[str, np.ndarray]:
     return {"blobs": blobs, "noise": rng.random((256, 1600)) < 0.10}
 
 
-def timeit(fn, arg, repeats: int) -> float:
-    fn(arg)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(arg)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=50)
@@ -72,7 +64,7 @@ def main() -> None:
         n_runs = len(rle.split()) // 2
         for op, ours, ref, arg in (("encode", rle_encode, reference_encode, mask),
                                    ("decode", rle_decode, reference_decode, rle)):
-            a, b = timeit(ours, arg, args.repeats), timeit(ref, arg, args.repeats)
+            a, b = (time_fn(fn, arg, repeats=args.repeats).median * 1e6 for fn in (ours, ref))
             print(f"{name:8s} {op:7s} {n_runs:7d} {a:10.0f} {b:10.0f} {b / a:7.2f}x")
 
 

@@ -1,0 +1,280 @@
+"""Shared timing helpers for the benchmarks: one way to time, one table, one JSON format.
+
+``time_fn(fn, *args)`` calls ``fn`` once (timed apart: for a jit function that is the compile), then
+``warmup - 1`` more untimed calls, then ``repeats`` timed calls, blocking on JAX outputs each time; it returns
+a ``Timing`` (median, min, max, quartiles, first call). ``torch_setup()`` gives the PyTorch reference every
+core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1 means
+severjax is faster); ``print_table`` and ``write_json`` show and store rows. ``peak_rss`` measures a call's peak
+resident memory above the memory in use before it (Linux: resets ``VmHWM`` through ``/proc/self/clear_refs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: ``median`` of the timed calls, their ``min``/``max``/quartiles, and the first call."""
+
+    median: float
+    min: float
+    max: float
+    q1: float
+    q3: float
+    first: float  # the first call alone: compile + run for a jit function
+    samples: tuple[float, ...]
+    cpu: float = float("nan")  # median process CPU seconds (all threads) of the timed calls
+
+    @property
+    def spread(self) -> str:
+        """``min-max`` of the timed calls, in the unit ``format_seconds`` picks for the median."""
+        return f"{format_seconds(self.min)}-{format_seconds(self.max)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "samples": list(self.samples)}
+
+
+def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, **kwargs: Any) -> Timing:
+    """Times ``fn(*args, **kwargs)``: first call apart, ``warmup - 1`` more untimed, then ``repeats`` timed.
+
+    JAX outputs are waited for (``jax.block_until_ready``) inside each timed call, so asynchronous dispatch
+    is not mistaken for speed. PyTorch on CPU runs synchronously. ``cpu`` is the process CPU time of a call
+    (every thread): on a shared, loaded machine it moves less than the wall time.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: need at least one timed call")
+    if warmup < 1:
+        raise ValueError(f"warmup={warmup}: the first call is always a warm-up (it compiles jit functions)")
+    start = time.perf_counter()
+    block(fn(*args, **kwargs))
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        block(fn(*args, **kwargs))
+    samples, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        block(fn(*args, **kwargs))
+        samples.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return _timing(samples, first, cpu)
+
+
+def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
+              ) -> tuple[Timing, Timing]:
+    """Times two zero-argument callables like ``time_fn``, but alternately (a, b, a, b, ...).
+
+    On a shared machine the load drifts; interleaving makes both sides see the same drift, so their
+    ratio is steadier than that of two back-to-back ``time_fn`` runs.
+    """
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"repeats={repeats}, warmup={warmup}: both must be >= 1")
+    firsts = []
+    for fn in (fn_a, fn_b):
+        start = time.perf_counter()
+        block(fn())
+        firsts.append(time.perf_counter() - start)
+        for _ in range(warmup - 1):
+            block(fn())
+    samples: list[list[float]] = [[], []]
+    cpu: list[list[float]] = [[], []]
+    for _ in range(repeats):
+        for k, fn in enumerate((fn_a, fn_b)):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            block(fn())
+            samples[k].append(time.perf_counter() - start)
+            cpu[k].append(time.process_time() - start_cpu)
+    return tuple(_timing(s, f, c) for s, f, c in zip(samples, firsts, cpu))  # type: ignore[return-value]
+
+
+def _timing(samples: Sequence[float], first: float, cpu: Sequence[float]) -> Timing:
+    q = np.percentile(samples, [25, 75])
+    return Timing(statistics.median(samples), min(samples), max(samples), float(q[0]), float(q[1]), first,
+                  tuple(samples), statistics.median(cpu))
+
+
+def block(out: Any) -> Any:
+    """Waits for every JAX array in ``out`` (a pytree); anything else passes through."""
+    if "jax" in sys.modules:
+        import jax
+
+        leaves = [x for x in jax.tree_util.tree_leaves(out) if isinstance(x, jax.Array)]
+        if leaves:
+            jax.block_until_ready(leaves)
+    return out
+
+
+def torch_setup(threads: int | None = None):
+    """Imports torch with ``threads`` (default: every core) intra-op threads; returns the module."""
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    return torch
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+
+def peak_rss(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """``(bytes, result)``: peak resident memory during ``fn(*args)`` above the resident memory before it.
+
+    Resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``) first; raises ``OSError``
+    where that is not possible (non-Linux), naming the file.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        raise OSError(f"/proc/self/clear_refs: cannot reset the peak RSS ({err}); peak_rss needs Linux") from err
+    before = _proc_status_kib("VmRSS")
+    out = block(fn(*args, **kwargs))
+    return (_proc_status_kib("VmHWM") - before) * 1024, out
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"/proc/self/status has no {key} line")
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+@dataclasses.dataclass
+class Result:
+    """One row: an item timed in severjax (``jax_s``) and the reference (``ref_s``), seconds per call.
+
+    ``ratio`` is ``jax_s / ref_s`` (below 1: severjax faster). ``spread`` holds each side's min-max,
+    ``compile_s`` the JAX compile time (``from_timings``: the first call, compile + run; callers that
+    compile ahead of time set the compile alone). ``unit`` names what a call is ("step", "image", ...);
+    ``extra`` carries anything else (FLOP/s, memory, images/s) as plain numbers or strings.
+    """
+
+    item: str
+    jax_s: float | None
+    ref_s: float | None = None
+    spread: str = ""
+    compile_s: float | None = None
+    unit: str = "call"
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    jax_cpu_s: float | None = None  # process CPU seconds (every thread) per unit
+    ref_cpu_s: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.jax_s is None or self.ref_s is None or self.ref_s <= 0:
+            return None
+        return self.jax_s / self.ref_s
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """``jax_cpu_s / ref_cpu_s``: the work ratio, less sensitive than ``ratio`` to other processes' load."""
+        if not self.jax_cpu_s or not self.ref_cpu_s:
+            return None
+        return self.jax_cpu_s / self.ref_cpu_s
+
+    @classmethod
+    def from_timings(cls, item: str, jax: Timing | None, ref: Timing | None = None, *, unit: str = "call",
+                     per: float = 1.0, **extra: Any) -> "Result":
+        """A row from ``time_fn`` results; ``per`` divides every time (e.g. images a call)."""
+        spread = " / ".join(f"{name} {format_seconds(t.min / per)}-{format_seconds(t.max / per)}"
+                            for name, t in (("jax", jax), ("ref", ref)) if t is not None)
+        return cls(item, None if jax is None else jax.median / per, None if ref is None else ref.median / per,
+                   spread, None if jax is None else jax.first, unit, dict(extra),
+                   None if jax is None else jax.cpu / per, None if ref is None else ref.cpu / per)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "ratio": self.ratio, "cpu_ratio": self.cpu_ratio}
+
+
+def print_table(rows: Sequence[Result], file=None) -> None:
+    """Prints the rows as an aligned text table: median wall time per ``unit``, ``jax/ref`` (below 1: severjax
+    faster), ``cpu j/r`` (the same for process CPU time), each side's min-max, the JAX compile time."""
+    file = file or sys.stdout
+    header = ("item", "unit", "jax", "ref", "jax/ref", "cpu j/r", "spread (min-max)", "compile", "extra")
+    lines = [header]
+    for r in rows:
+        lines.append((r.item, r.unit, format_seconds(r.jax_s), format_seconds(r.ref_s),
+                      "-" if r.ratio is None else f"{r.ratio:.2f}",
+                      "-" if r.cpu_ratio is None else f"{r.cpu_ratio:.2f}", r.spread or "-",
+                      format_seconds(r.compile_s), _format_extra(r.extra)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for n, line in enumerate(lines):
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1], file=file)
+        if n == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 5, file=file)
+    file.flush()
+
+
+def write_json(rows: Iterable[Result], path: str, **meta: Any) -> None:
+    """Writes ``{"machine": ..., "meta": ..., "rows": [...]}`` to ``path`` (folders created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    doc = {"machine": machine_info(), "meta": meta, "rows": [r.as_dict() for r in rows]}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2, default=_json_default)
+        f.write("\n")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, load average and library versions: what a reader needs to compare runs."""
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                            "cpu": _cpu_model(), "platform": platform.platform()}
+    try:
+        info["loadavg"] = os.getloadavg()
+    except OSError:
+        pass
+    for name in ("jax", "jaxlib", "flax", "torch", "segmentation_models_pytorch"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[name] = getattr(module, "__version__", "?")
+    return info
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``1.23 s``, ``45.6 ms`` or ``789 us``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    if seconds >= 1.0:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def _format_extra(extra: dict[str, Any]) -> str:
+    parts = []
+    for key, value in extra.items():
+        if isinstance(value, float):
+            value = f"{value:.3g}"
+        parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

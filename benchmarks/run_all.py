@@ -1,0 +1,371 @@
+"""Every severjax-vs-reference comparison in one command: one table, optionally one JSON file.
+
+    python benchmarks/run_all.py [--quick] [--json out.json] [--repeats 5] [--only models postprocess ...]
+
+Rows (median of ``--repeats`` timed calls after a warm-up; JAX and reference calls alternate, so both see
+the same load; compile times apart):
+
+* ``forward``: FPN/efficientnet-b5 at 256x416 and Unet/se_resnext50_32x4d at 256x448, batch 2, eval mode,
+  against the segmentation_models_pytorch model of the same arch/encoder; FLOPs from XLA's cost analysis,
+  achieved GFLOP/s of both and the share of the CPU's estimated peak (``bench_flops.cpu_peak_flops``).
+* ``train step``: the same models and crops, batch 2: ``severjax.train.train_step`` under ``jit`` against
+  forward + 0.6 BCE + 0.4 soft Dice + backward + two-group RAdam in PyTorch. Memory: XLA's memory analysis of
+  the compiled step (arguments + outputs - donated aliases + temporaries) and the resident-memory rise of one
+  step for both (``harness.peak_rss``).
+* ``full image TTA``: one 256x1600 image, identity + horizontal flip, sigmoid, flip undone, views averaged
+  (``severjax.predict.ensemble.tta_probabilities``) against the same in PyTorch.
+* ``postprocess+RLE``: per image, the jit post-processing (``postprocess_for_rle``) + host RLE
+  (``masks_to_rles``) against its numpy/scipy reference (``reference_postprocess``) + the Kaggle-kernel
+  ``mask2rle``; with and without small-component removal. Outputs are checked equal.
+* ``rle``: encode/decode of a 256x1600 mask (blobs) against the Kaggle-kernel numpy functions.
+* ``pipeline``: training-batch images/s per grain worker (0 = in-process) against the original's per-image
+  work in one process (JPEG + RLE + augmentation), from ``bench_pipeline``.
+
+``--quick`` keeps the FPN-b5 model rows (forward, train step), post-processing, RLE and the in-process
+pipeline. The whole run takes ~10 minutes on 2 idle cores (``--quick`` ~4); compiling the two train steps
+is most of it. Torch's OpenMP threads are made passive (``OMP_WAIT_POLICY=PASSIVE``): spinning threads on a
+shared CPU slowed the reference 5x in our runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import bench_flops  # noqa: E402
+import harness  # noqa: E402
+from harness import Result  # noqa: E402
+
+# name -> (config file, bench_flops.MODELS key)
+MODEL_CONFIGS = {"fpn-b5": "b5_fpn.py", "unet-sx50": "sx50_unet.py"}
+GROUPS = ("models", "tta", "postprocess", "rle", "pipeline")
+
+
+def main(argv=None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer items (FPN-b5 only, in-process pipeline)")
+    parser.add_argument("--json", default=None, help="write the rows and the machine description here")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per item (median reported)")
+    parser.add_argument("--batch", type=int, default=2, help="images a forward / train step")
+    parser.add_argument("--models", nargs="+", default=None, choices=sorted(MODEL_CONFIGS),
+                        help="models to time (default: both; --quick: fpn-b5)")
+    parser.add_argument("--only", nargs="+", default=list(GROUPS), choices=GROUPS, help="item groups to run")
+    parser.add_argument("--ref_threads", type=int, default=None, help="torch threads (default: every core)")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        print(f"note: --repeats {args.repeats} < 5: medians of fewer calls are noisy", flush=True)
+    models = args.models or (["fpn-b5"] if args.quick else list(MODEL_CONFIGS))
+    harness.torch_setup(args.ref_threads)
+    _quiet_libraries()
+    peak = bench_flops.cpu_peak_flops()
+    start = time.perf_counter()
+    print(f"machine: {harness.machine_info()}", flush=True)
+    print(f"peak estimate: {peak.flops_per_s / 1e9:.0f} GFLOP/s = {peak.how}", flush=True)
+
+    rows: list[Result] = []
+
+    def add(new_rows: list[Result]) -> None:
+        rows.extend(new_rows)
+        harness.print_table(new_rows)
+        print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
+
+    if "models" in args.only:
+        for name in models:
+            add(model_rows(name, args.batch, args.repeats, peak))
+    if "tta" in args.only:
+        for name in models if not args.quick else []:
+            add(tta_rows(name, args.repeats, peak))
+    if "postprocess" in args.only:
+        add(postprocess_rows(args.repeats))
+    if "rle" in args.only:
+        add(rle_rows(max(args.repeats, 10)))
+    if "pipeline" in args.only:
+        add(pipeline_rows([0] if args.quick else [0, 1, 2]))
+
+    total = time.perf_counter() - start
+    print(f"\n=== all rows ({total:.0f} s; jax/ref < 1: severjax faster; load average now "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ===")
+    harness.print_table(rows)
+    if args.json:
+        harness.write_json(rows, args.json, seconds=total, quick=args.quick, repeats=args.repeats,
+                           peak_gflops=peak.flops_per_s / 1e9, peak_how=peak.how)
+        print(f"wrote {args.json}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def model_rows(name: str, batch: int, repeats: int, peak: bench_flops.PeakEstimate) -> list[Result]:
+    """Forward and train-step rows of one model at its config's crop, JAX against SMP/PyTorch."""
+    import jax
+
+    config = load_config(MODEL_CONFIGS[name])
+    arch, encoder, crop, _ = bench_flops.MODELS[name]
+    label = f"{arch}/{encoder} b{batch} {crop[0]}x{crop[1]}"
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(batch, *crop, 1)).astype(np.float32)
+    mask = (rng.random((batch, *crop, 4)) < 0.05).astype(np.float32)
+
+    # forward (eval mode)
+    _, variables, x, compiled, compile_s = bench_flops.jax_forward(name, batch)
+    flops = bench_flops.xla_flops(compiled)
+    jax_t, ref_t = harness.time_pair(lambda: compiled(variables, x), bench_flops.torch_forward(name, image),
+                                     repeats=repeats)
+    forward = Result.from_timings(f"forward {label}", jax_t, ref_t, unit="batch",
+                                  **bench_flops.flops_extra(flops, jax_t, ref_t, peak))
+    forward.compile_s = compile_s
+    del variables, x, compiled
+    gc.collect()
+
+    # train step
+    jax_step, jax_mem, step_compile_s = jax_train_step(config, image, mask)
+    torch_step = torch_train_step(config, name, image, mask)
+    jax_t, ref_t = harness.time_pair(jax_step, torch_step, repeats=repeats)
+    jax_rss, _ = harness.peak_rss(jax_step)
+    ref_rss, _ = harness.peak_rss(torch_step)
+    step = Result.from_timings(f"train step {label}", jax_t, ref_t, unit="step",
+                               xla_peak_mib=jax_mem / 2**20, jax_rss_mib=jax_rss / 2**20, ref_rss_mib=ref_rss / 2**20,
+                               images_per_s=batch / jax_t.median, ref_images_per_s=batch / ref_t.median)
+    step.compile_s = step_compile_s
+    del jax_step, torch_step
+    gc.collect()
+    jax.clear_caches()
+    return [forward, step]
+
+
+def jax_train_step(config, image: np.ndarray, mask: np.ndarray) -> tuple[Callable[[], Any], int, float]:
+    """``(step, xla peak bytes, compile seconds)``: ``step()`` runs one jit ``train_step`` on a fixed batch,
+    carrying the (donated) state from call to call."""
+    import jax
+
+    from severjax import optim, train
+
+    model, _ = train.build_model(config)
+    tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=100, epochs=config.epochs)
+    state = train.create_train_state(config, model, tx)
+    fn = jax.jit(functools.partial(train.train_step, loss_config=dict(config.loss), schedules=schedules,
+                                   axis_name=None), donate_argnums=(0,))
+    batch = jax.device_put({"image": image, "mask": mask})
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch, key).compile()
+    compile_s = time.perf_counter() - start
+    box = [state]
+
+    def step():
+        box[0], metrics = compiled(box[0], batch, key)
+        return metrics
+
+    return step, xla_peak_bytes(compiled), compile_s
+
+
+def xla_peak_bytes(compiled) -> int:
+    """Arguments + outputs - donated (aliased) buffers + temporaries of a compiled XLA program."""
+    m = compiled.memory_analysis()
+    if m is None:
+        raise ValueError("this backend gives no memory analysis")
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+
+
+def torch_train_step(config, name: str, image: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
+    """One PyTorch training step of the SMP model: forward, 0.6 BCE + 0.4 soft Dice, backward, RAdam with
+    decoupled weight decay in two groups (encoder / decoder learning rates and decays of the config)."""
+    torch = harness.torch_setup()
+    model = bench_flops.smp_model(name, dropout=config.model.dropout).train()
+    encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    opt = torch.optim.RAdam(
+        [{"params": encoder, "lr": config.optim.encoder_lr, "weight_decay": config.optim.encoder_wd},
+         {"params": decoder, "lr": config.optim.decoder_lr, "weight_decay": config.optim.decoder_wd}],
+        betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps, decoupled_weight_decay=True)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(np.ascontiguousarray(mask.transpose(0, 3, 1, 2)))
+    bce = torch.nn.BCEWithLogitsLoss()
+    loss_cfg = config.loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        probs = torch.sigmoid(logits)
+        dice = (2 * (probs * y).sum() + loss_cfg.dice_eps) / (probs.sum() + y.sum() + loss_cfg.dice_eps)
+        loss = loss_cfg.bce_weight * bce(logits, y) + loss_cfg.dice_weight * (1 - dice)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+# --------------------------------------------------------------------------------------- full-image TTA
+
+
+def tta_rows(name: str, repeats: int, peak: bench_flops.PeakEstimate) -> list[Result]:
+    """One 256x1600 image with flip-W TTA (2 views): severjax's predict forward against PyTorch."""
+    import jax
+    import jax.numpy as jnp
+
+    from severjax import train
+    from severjax.predict.ensemble import tta_probabilities
+
+    arch, encoder, _, kw = bench_flops.MODELS[name]
+    from severjax.models import create_model
+
+    module = create_model(arch, encoder, classes=4, in_channels=1, **kw)
+    x = np.random.default_rng(0).normal(size=(1, 256, 1600, 1)).astype(np.float32)
+    variables = jax.device_put(train._init_variables(module, jax.random.key(0), jnp.asarray(x)))
+    xd = jax.device_put(x)
+    start = time.perf_counter()
+    compiled = jax.jit(lambda v, x: tta_probabilities(module, v, x, "w")).lower(variables, xd).compile()
+    compile_s = time.perf_counter() - start
+    flops = bench_flops.xla_flops(compiled)
+
+    torch = harness.torch_setup()
+    model = bench_flops.smp_model(name).eval()
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+    def reference():
+        with torch.inference_mode():
+            views = torch.cat([xt, torch.flip(xt, dims=[3])])
+            probs = torch.sigmoid(model(views))
+            return (probs[:1] + torch.flip(probs[1:], dims=[3])) / 2
+
+    jax_t, ref_t = harness.time_pair(lambda: compiled(variables, xd), reference, repeats=repeats)
+    row = Result.from_timings(f"full image TTA-w {arch}/{encoder} 256x1600", jax_t, ref_t, unit="image",
+                              **bench_flops.flops_extra(flops, jax_t, ref_t, peak))
+    row.compile_s = compile_s
+    del variables, compiled, model
+    gc.collect()
+    jax.clear_caches()
+    return [row]
+
+
+# ----------------------------------------------------------------------------------------- post-process
+
+
+def postprocess_rows(repeats: int, images: int = 8) -> list[Result]:
+    """Per-image post-processing + RLE of probability maps: jit + host RLE against numpy/scipy + mask2rle."""
+    import jax
+
+    from bench_rle import reference_encode
+    from severjax.predict.postprocess import PostprocessConfig, masks_to_rles, postprocess_for_rle, reference_postprocess
+
+    probs = synthetic_probabilities(images)
+    probs_device = jax.device_put(probs)
+    rows = []
+    for label, config in (("min area", PostprocessConfig()),
+                          ("min area + components<150", PostprocessConfig(min_component=150))):
+        def ours():
+            masks, areas = postprocess_for_rle(probs_device, config)
+            return masks_to_rles(np.asarray(masks), np.asarray(areas))
+
+        def reference():
+            masks = reference_postprocess(probs, config)
+            return [[reference_encode(masks[b, :, :, c].astype(np.uint8)) for c in range(masks.shape[-1])]
+                    for b in range(masks.shape[0])]
+
+        if ours() != reference():
+            raise AssertionError(f"post-processing ({label}): jit and numpy reference RLEs differ")
+        jax_t, ref_t = harness.time_pair(ours, reference, repeats=repeats)
+        row = Result.from_timings(f"postprocess+RLE ({label}), batch {images}", jax_t, ref_t, unit="image",
+                                  per=images, images_per_s=images / jax_t.median)
+        rows.append(row)
+    return rows
+
+
+def synthetic_probabilities(images: int, seed: int = 0) -> np.ndarray:
+    """Smooth random probability maps ``(images, 256, 1600, 4)`` float32: blobs of defects, ~5-15% per class."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((images, 256, 1600, 4), np.float32)
+    for b in range(images):
+        for c in range(4):
+            coarse = rng.random((16, 100)).astype(np.float32)
+            field = cv2.resize(coarse, (1600, 256), interpolation=cv2.INTER_CUBIC)
+            out[b, :, :, c] = np.clip(field, 0.0, 1.0) ** (2.0 + c)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- RLE
+
+
+def rle_rows(repeats: int) -> list[Result]:
+    """RLE encode / decode of a blob mask (~10% defects): severjax.data.rle against the Kaggle kernels'."""
+    import bench_rle
+
+    from severjax.data.rle import rle_decode, rle_encode
+
+    mask = bench_rle.masks()["blobs"]
+    rle = rle_encode(mask)
+    rows = []
+    for op, ours, ref, arg in (("encode", rle_encode, bench_rle.reference_encode, mask),
+                               ("decode", rle_decode, bench_rle.reference_decode, rle)):
+        jax_t, ref_t = harness.time_pair(lambda: ours(arg), lambda: ref(arg), repeats=repeats)
+        rows.append(Result.from_timings(f"rle {op} (numpy, no jax) 256x1600 blobs", jax_t, ref_t, unit="mask"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+
+
+def pipeline_rows(workers: list[int], images: int = 48, batch: int = 6, batches: int = 6) -> list[Result]:
+    """Training-batch seconds per image per worker (grain) against the original's per-process work."""
+    import bench_pipeline
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        setup = bench_pipeline.make_setup(tmp, images, (256, 416), batch)
+        reference = bench_pipeline.reference_rate(setup, images)
+        for n in workers:
+            rate = bench_pipeline.loader_rate(setup, n, batches, warmup=2)
+            per_worker = rate / max(n, 1)
+            rows.append(Result(f"pipeline train batches, {n} grain worker(s) (per worker)", 1.0 / per_worker,
+                               1.0 / reference, unit="image",
+                               extra={"images_per_s": rate, "per_worker": per_worker, "ref_per_process": reference}))
+    return rows
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def load_config(filename: str):
+    """``get_config()`` of ``configs/<filename>``."""
+    path = os.path.join(ROOT, "configs", filename)
+    spec = importlib.util.spec_from_file_location(f"run_all_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _quiet_libraries() -> None:
+    """TFDS progress bars and absl INFO lines would bury the table."""
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)
+    try:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
