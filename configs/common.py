@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 20  # steps between TensorBoard scalars
     config.progress_bar = True
     config.init_weights = ""  # "" or an exported model dir (tools/convert_weights.py output)
+    # Before each evaluation, replace the BatchNorm running statistics by their exact mean over this
+    # many training batches ("precise BN"); 0 = keep the running averages (the original's behaviour).
+    config.bn_recalibration_batches = 0
 
     config.data = ml_collections.ConfigDict()
     config.data.dir = "./data/severstal"  # Kaggle layout: train.csv, train_images/ [, test_images/]

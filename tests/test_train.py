@@ -178,6 +178,34 @@ def _ghost_bn_step(state, batch, groups: int):
     return new, {"loss": float(loss)}
 
 
+def test_batch_norm_recalibration_gives_the_exact_batch_statistics():
+    """Precise BN: the running statistics become the mean over batches of each batch's statistics,
+    whatever the layer's momentum (flax's 0.9 here; the EfficientNet encoders use torch's 0.01)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import jax_utils
+
+    from severjax import train
+
+    state, _ = _tiny_state(use_bn=True)
+    batches = [_batch(0, n=4), _batch(1, n=4)]
+    p_stats = jax.pmap(train.batch_norm_statistics_step, axis_name="batch", in_axes=(0, 0, None))
+    p_state = train.recalibrate_batch_norm(p_stats, jax_utils.replicate(state), batches, jax.random.key(0))
+    got = jax.device_get(jax_utils.unreplicate(p_state.batch_stats))["encoder"]["bn"]
+    conv = state.params["encoder"]["conv0"]
+    means, variances = [], []
+    for batch in batches:
+        h = jax.lax.conv_general_dilated(batch["image"], conv["kernel"], (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+        means.append(jnp.mean(h, axis=(0, 1, 2)))
+        variances.append(jnp.var(h, axis=(0, 1, 2)))  # flax's BatchNorm keeps the biased variance
+    np.testing.assert_allclose(got["mean"], np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["var"], np.mean(variances, axis=0), rtol=1e-4, atol=1e-5)
+    # the parameters are untouched
+    for key, value in _flat(jax_utils.unreplicate(p_state.params)).items():
+        np.testing.assert_array_equal(value, _flat(state.params)[key])
+
+
 # ------------------------------------------------------------------------------- multi-process
 
 
@@ -331,28 +359,36 @@ def _restore_raw(workdir, step):
         return _flat(ckptr.restore(os.path.join(workdir, "checkpoints", str(step), "state")))
 
 
-def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    """python -m severjax.train on a synthetic set: run A straight through (6 steps, dropout on);
-    run B SIGKILLed right after its first checkpoint (step 2), then restarted in the same workdir.
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Run A: ``python -m severjax.train`` straight through 6 steps (2 epochs of 3, dropout on) on a
+    16-image synthetic set. Later runs share its data folder and persistent compilation cache."""
+    root = tmp_path_factory.mktemp("trainer_runs")
+    config_path = root / "run.py"
+    config_path.write_text(RUN_CONFIG.format(configs=os.path.join(ROOT, "configs"), data=str(root / "data")))
+    env = _train_env(root / "jax_cache")
+    done = subprocess.run(_train_cmd(config_path, root / "a"), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-6000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    return {"root": root, "config": config_path, "env": env, "workdir": root / "a", "summary": summary}
+
+
+def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(finished_run):
+    """Run B is SIGKILLed right after its first checkpoint (step 2), then restarted in the same workdir.
 
     The restart must restore params, optimizer state, step, rng and the input position: B's final
     state (and exported model) equals A's bit for bit.
     """
-    config_path = tmp_path / "run.py"
-    config_path.write_text(RUN_CONFIG.format(configs=os.path.join(ROOT, "configs"), data=str(tmp_path / "data")))
-    env = _train_env(tmp_path / "jax_cache")
-    run_a, run_b = tmp_path / "a", tmp_path / "b"
-
-    done = subprocess.run(_train_cmd(config_path, run_a), env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-6000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
-    assert summary["step"] == 6 and summary["stopped"] == "done"
+    config_path, env, run_a = finished_run["config"], finished_run["env"], finished_run["workdir"]
+    run_b = finished_run["root"] / "b"
+    summary = finished_run["summary"]
+    assert summary["step"] == 6 and summary["stopped"] == "done" and summary["score_name"] == "dice_mean"
     assert 0.0 <= summary["best_val_score"] <= 1.0 and summary["best_step"] in (3, 6)
 
     proc = subprocess.Popen(_train_cmd(config_path, run_b), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 400
+    deadline = time.time() + 600
     while not _finished_steps(run_b) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -374,20 +410,39 @@ def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(t
 
     from severjax.checkpoint import load_model
 
-    _, var_a, spec_a = load_model(str(run_a))  # the workdir resolves to model_best
-    _, var_b, spec_b = load_model(str(run_b / "model_last"))
-    assert spec_a == spec_b and spec_a["normalize"] == {"mean": 0.3439, "std": 0.0383}
-    _, last_a, _ = load_model(str(run_a / "model_last"))
+    _, _, spec = load_model(str(run_a))  # a workdir resolves to its model_best
+    assert spec["normalize"] == {"mean": 0.3439, "std": 0.0383} and spec["arch"] == "unet"
+    _, last_a, spec_a = load_model(str(run_a / "model_last"))
+    _, last_b, spec_b = load_model(str(run_b / "model_last"))
+    assert spec_a == spec_b
+    flat_b = _flat(last_b)
     for key, value in _flat(last_a).items():
-        np.testing.assert_array_equal(value, _flat(var_b)[key], err_msg=key)
+        np.testing.assert_array_equal(value, flat_b[key], err_msg=key)
     assert os.path.isfile(run_a / "config.json") and os.listdir(run_a / "tensorboard")
-    del var_a, spec_b
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished_run):
+    """Resume a copy of run A's step-2 checkpoint with images scaled to ~1e30 (data.std=1e-30): the
+    first step's loss overflows; the run stops naming the step and the last good checkpoint, and the
+    epoch-end save at step 3 never happens."""
+    import shutil
+
+    workdir = finished_run["root"] / "nan"
+    os.makedirs(workdir / "checkpoints")
+    shutil.copytree(finished_run["workdir"] / "checkpoints" / "2", workdir / "checkpoints" / "2")
+    run = subprocess.run(_train_cmd(finished_run["config"], workdir) + ["--config.data.std=1e-30"],
+                         env=finished_run["env"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert "FloatingPointError: non-finite" in run.stderr and "at step 3" in run.stderr, run.stderr[-3000:]
+    assert "the last good checkpoint is step 2" in run.stderr
+    assert _finished_steps(workdir) == [2]
+    assert not os.path.exists(workdir / "model_last")
 
 
 # ---------------------------------------------------------------------------------- bad configs
 
 
-def _config(**data):
+def _config():
     sys.path.insert(0, os.path.join(ROOT, "configs"))
     import common
 

@@ -1,0 +1,146 @@
+"""Training step speed: severjax (JAX/Flax) against the SMP/PyTorch reference, same model, loss, optimizer.
+
+    python benchmarks/bench_train.py [--config configs/b5_fpn.py] [--batch 2] [--steps 5] [--warmup 2]
+                                     [--dtype float32|bfloat16] [--skip_torch]
+
+Builds the config's model twice - ``severjax.models.create_model`` and the segmentation_models_pytorch
+model of the same arch/encoder (random weights) - and times full training steps at the config's crop:
+forward, 0.6 * BCE + 0.4 * (1 - soft Dice over the batch), backward, two-group RAdam with decoupled
+weight decay (torch: ``torch.optim.RAdam(decoupled_weight_decay=True)``). The JAX step is
+``severjax.train.train_step`` under ``jit`` on one device (the first call, compiling, is reported
+apart). Prints images/s of each and the ratio JAX / PyTorch, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "b5_fpn.py"))
+    parser.add_argument("--batch", type=int, default=2, help="images a step (the configs' batch is too big for a CPU)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--dtype", default=None, help="JAX compute dtype (default: the config's)")
+    parser.add_argument("--skip_torch", action="store_true", help="time the JAX step only")
+    args = parser.parse_args(argv)
+
+    config = _load_config(args.config)
+    if args.dtype:
+        config.model.dtype = args.dtype
+    rng = np.random.default_rng(0)
+    h, w = config.data.crop
+    image = rng.normal(size=(args.batch, h, w, 1)).astype(np.float32)
+    mask = (rng.random((args.batch, h, w, 4)) < 0.05).astype(np.float32)
+    print(f"{config.model.arch}/{config.model.encoder} crop {h}x{w} batch {args.batch}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up", flush=True)
+
+    results = {}
+    jax_first, jax_step = _time_jax(config, image, mask, args.steps, args.warmup)
+    results["jax_images_per_s"] = args.batch / jax_step
+    print(f"jax   : {results['jax_images_per_s']:.3f} images/s ({jax_step * 1e3:.0f} ms/step; first call "
+          f"{jax_first:.1f} s incl. compile, dtype {config.model.dtype})", flush=True)
+    if not args.skip_torch:
+        torch_step = _time_torch(config, image, mask, args.steps, args.warmup)
+        results["torch_images_per_s"] = args.batch / torch_step
+        results["ratio"] = results["jax_images_per_s"] / results["torch_images_per_s"]
+        print(f"torch : {results['torch_images_per_s']:.3f} images/s ({torch_step * 1e3:.0f} ms/step, "
+              f"{_torch_threads()} threads)")
+        print(f"ratio jax/torch: {results['ratio']:.2f}")
+    return results
+
+
+def _time_jax(config, image, mask, steps: int, warmup: int) -> tuple[float, float]:
+    import jax
+
+    from severjax import optim, train
+
+    model, _ = train.build_model(config)
+    tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=100, epochs=config.epochs)
+    state = train.create_train_state(config, model, tx)
+    step = jax.jit(functools.partial(train.train_step, loss_config=dict(config.loss), schedules=schedules,
+                                     axis_name=None), donate_argnums=(0,))
+    batch = {"image": jax.device_put(image), "mask": jax.device_put(mask)}
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready((state.params, metrics))
+    return first, (time.perf_counter() - start) / steps
+
+
+def _time_torch(config, image, mask, steps: int, warmup: int) -> float:
+    import segmentation_models_pytorch as smp
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    kwargs = dict(encoder_name=config.model.encoder, encoder_weights=None, in_channels=config.model.in_channels,
+                  classes=config.model.classes)
+    if config.model.arch == "fpn":
+        model = smp.FPN(decoder_merge_policy=config.model.decoder_merge_policy,
+                        decoder_dropout=config.model.dropout, **kwargs)
+    else:
+        model = smp.Unet(**kwargs)
+    model.train()
+    encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    opt = torch.optim.RAdam(
+        [{"params": encoder, "lr": config.optim.encoder_lr, "weight_decay": config.optim.encoder_wd},
+         {"params": decoder, "lr": config.optim.decoder_lr, "weight_decay": config.optim.decoder_wd}],
+        betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps, decoupled_weight_decay=True)
+    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy())
+    bce = torch.nn.BCEWithLogitsLoss()
+    eps = config.loss.dice_eps
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        probs = torch.sigmoid(logits)
+        dice = (2 * (probs * y).sum() + eps) / (probs.sum() + y.sum() + eps)
+        loss = config.loss.bce_weight * bce(logits, y) + config.loss.dice_weight * (1 - dice)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _load_config(path: str):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+if __name__ == "__main__":
+    main()
