@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     p_eval_step = jax.pmap(task.eval_step, axis_name=AXIS)
     p_stats_step = jax.pmap(batch_norm_statistics_step, axis_name=AXIS, in_axes=(0, 0, None))
     base_key = jax.random.wrap_key_data(np.asarray(state.rng))
-    p_state = jax_utils.replicate(state)
+    p_state = replicate_state(state)
     del state
 
     logger = MetricLogger(workdir, enabled=is_chief)
@@ -306,7 +306,8 @@ def recalibrate_batch_norm(p_stats_step: Callable, p_state: TrainState, batches:
         count += 1
     if not count:
         raise ValueError("batch-norm recalibration got no batches")
-    return p_state.replace(batch_stats=jax.tree_util.tree_map(lambda t: t / count, total))
+    mean = jax.tree_util.tree_map(lambda t: np.asarray(t[0]) / count, jax.device_get(total))
+    return p_state.replace(batch_stats=replicate_state(mean))
 
 
 # ------------------------------------------------------------------------------ model & state
@@ -362,6 +363,19 @@ def load_init_weights(path: str, like: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"config.init_weights={path!r} does not fit the configured model: "
                          + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
     return jax.tree_util.tree_map(lambda v, ref: jnp.asarray(v, ref.dtype), loaded, like)
+
+
+def replicate_state(tree: Any) -> Any:
+    """Copies ``tree`` to every local device exactly as the pmapped steps' outputs are laid out.
+
+    ``flax.jax_utils.replicate`` shards over another mesh axis, so the second step would see new
+    input shardings and compile the whole train step again; an identity ``pmap`` over the same axis
+    gives the steps' own layout.
+    """
+    n = jax.local_device_count()
+    stacked = jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)),
+                                     jax.device_get(tree))
+    return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
 
 def host_variables(p_state: TrainState) -> dict[str, Any]:
