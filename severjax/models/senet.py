@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d
+from jax import lax
+
+from severjax.models.layers import BatchNorm2d, Conv2d, torch_default_kernel_init
 
 # SMP 0.6.0 settings shared by every SE-ResNeXt (senet.py `senet_encoders`).
 _GROUPS = 32
@@ -40,6 +42,7 @@ class SENetEncoder(nn.Module):
     base_width: int = _BASE_WIDTH
     reduction: int = _REDUCTION
     dtype: Any = jnp.float32
+    grouped_impl: str = "auto"  # see grouped_conv2d
 
     @property
     def out_channels(self) -> tuple[int, ...]:
@@ -54,7 +57,7 @@ class SENetEncoder(nn.Module):
         features = [x]
         x = _Stem(_STEM_WIDTH, dtype=self.dtype, name="layer0")(x.astype(self.dtype), train)
         features.append(x)
-        x = max_pool2d(x, 3, stride=2, ceil_mode=True)  # layer0.pool: Caffe-style ceil_mode
+        x = max_pool_ceil(x, 3, stride=2)  # layer0.pool: Caffe-style ceil_mode
         for stage, blocks in enumerate(self.layers):
             planes = 64 * 2**stage
             for i in range(blocks):
@@ -66,6 +69,7 @@ class SENetEncoder(nn.Module):
                     stride=2 if (stage > 0 and i == 0) else 1,
                     downsample=(i == 0),
                     dtype=self.dtype,
+                    grouped_impl=self.grouped_impl,
                     name=f"layer{stage + 1}_{i}",
                 )(x, train)
             features.append(x)
@@ -82,6 +86,7 @@ class SEResNeXtBottleneck(nn.Module):
     stride: int = 1
     downsample: bool = False
     dtype: Any = jnp.float32
+    grouped_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -91,7 +96,8 @@ class SEResNeXtBottleneck(nn.Module):
         bn = functools.partial(_batch_norm, train=train, dtype=self.dtype)
 
         y = nn.relu(bn(name="bn1")(conv(width, 1, name="conv1")(x)))
-        y = conv(width, 3, stride=self.stride, padding=1, groups=self.groups, name="conv2")(y)
+        y = GroupedConv2d(width, 3, stride=self.stride, padding=1, groups=self.groups, dtype=self.dtype,
+                          impl=self.grouped_impl, name="conv2")(y)
         y = nn.relu(bn(name="bn2")(y))
         y = bn(name="bn3")(conv(out_ch, 1, name="conv3")(y))
         if self.downsample:
@@ -130,10 +136,141 @@ class _Stem(nn.Module):
         return nn.relu(_batch_norm(train=train, dtype=self.dtype, name="bn1")(x))
 
 
+class GroupedConv2d(nn.Module):
+    """``torch.nn.Conv2d(groups=g, bias=False)`` with the parameters of :class:`Conv2d` (``kernel``
+    ``(kh, kw, in/g, out)``), computed by :func:`grouped_conv2d` to dodge XLA:CPU's slow grouped convolution."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.groups or self.features % self.groups:
+            raise ValueError(f"{self.name}: in={c} and out={self.features} channels must divide groups={self.groups}")
+        k = self.kernel_size
+        kernel = self.param("kernel", torch_default_kernel_init, (k, k, c // self.groups, self.features))
+        pad = ((self.padding, self.padding),) * 2
+        return grouped_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2, pad,
+                              self.groups, impl=self.impl)
+
+
+def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                   groups: int, impl: str = "auto") -> jax.Array:
+    """Grouped convolution, NHWC input, HWIO kernel ``(kh, kw, in/groups, out)``.
+
+    ``impl``: ``"native"`` (``lax.conv_general_dilated(feature_group_count=groups)``), ``"cpu"`` or ``"auto"``
+    (``"cpu"`` on the CPU backend, native elsewhere). XLA:CPU runs a 32-group convolution several times
+    slower than a dense one of the same FLOPs, and its weight gradient (a ``batch_group_count`` convolution)
+    100x slower, so the ``"cpu"`` path computes narrow groups (<= 8 channels in) as a fused sum of
+    ``kh*kw*in_per_group`` broadcast multiply-adds, keeps native convolutions for wider groups, and has a
+    custom gradient: the input gradient is the same kind of grouped convolution (transposed kernel, dilated
+    cotangent), the kernel gradient one ``(N, in/g) x (N, out/g)`` contraction per tap and group.
+    """
+    stride = tuple(int(s) for s in stride)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if impl == "auto":
+        impl = "cpu" if jax.default_backend() == "cpu" else "native"
+    if impl == "native":
+        return lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=_DN, feature_group_count=groups)
+    if impl != "cpu":
+        raise ValueError(f"grouped conv impl must be 'auto', 'native' or 'cpu', got {impl!r}")
+    return _grouped_cpu(x, kernel, stride, padding, groups)
+
+
+def max_pool_ceil(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """``MaxPool2d(window, stride, padding=0, ceil_mode=True)``: -inf padding added at the bottom/right.
+
+    (``layers.max_pool2d`` computes the same values but its -inf init is an array constant, which makes
+    ``reduce_window`` non-differentiable under ``jit``; flax's ``max_pool`` passes a Python scalar.)
+    """
+    pads = []
+    for size in x.shape[1:3]:
+        out = -(-(size - window) // stride) + 1
+        if (out - 1) * stride >= size:  # the last window must start inside the input (PyTorch's rule)
+            out -= 1
+        pads.append((0, max(0, (out - 1) * stride + window - size)))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
 ENCODERS: dict[str, Callable[..., SENetEncoder]] = {
     "se_resnext50_32x4d": functools.partial(SENetEncoder, layers=(3, 4, 6, 3)),
     "se_resnext101_32x4d": functools.partial(SENetEncoder, layers=(3, 4, 23, 3)),
 }
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+
+_DN = ("NHWC", "HWIO", "NHWC")
+_MAX_TAPS_GROUP_WIDTH = 8  # measured on XLA:CPU: taps win up to 8 channels per group, native beyond
+
+
+def _grouped_forward(x, kernel, stride, padding, groups, lhs_dilation=(1, 1)):
+    """Grouped conv of the CPU path: broadcast taps for narrow groups, native otherwise."""
+    kh, kw, ci, co = kernel.shape
+    if ci > _MAX_TAPS_GROUP_WIDTH:
+        return lax.conv_general_dilated(x, kernel, stride, padding, lhs_dilation=lhs_dilation,
+                                        dimension_numbers=_DN, feature_group_count=groups)
+    cog = co // groups
+    x = lax.pad(x, jnp.zeros((), x.dtype),
+                ((0, 0, 0), (*padding[0], lhs_dilation[0] - 1), (*padding[1], lhs_dilation[1] - 1), (0, 0, 0)))
+    b, h, w, c = x.shape
+    (sh, sw) = stride
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    kg = kernel.astype(jnp.float32).reshape(kh, kw, ci, groups, cog)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(x, (0, i, j, 0), (b, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+            tap = tap.reshape(b, oh, ow, groups, ci).astype(jnp.float32)
+            for cc in range(ci):
+                term = tap[..., cc:cc + 1] * kg[i, j, cc]  # (b, oh, ow, groups, 1) * (groups, cog)
+                out = term if out is None else out + term
+    return out.reshape(b, oh, ow, co).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_cpu(x, kernel, stride, padding, groups):
+    return _grouped_forward(x, kernel, stride, padding, groups)
+
+
+def _grouped_cpu_fwd(x, kernel, stride, padding, groups):
+    return _grouped_forward(x, kernel, stride, padding, groups), (x, kernel)
+
+
+def _grouped_cpu_bwd(stride, padding, groups, res, g):
+    x, kernel = res
+    kh, kw, ci, co = kernel.shape
+    cog = co // groups
+    # Input gradient: correlate the stride-dilated cotangent with the flipped, per-group transposed kernel.
+    k_t = kernel.reshape(kh, kw, ci, groups, cog)[::-1, ::-1].transpose(0, 1, 4, 3, 2).reshape(kh, kw, cog, groups * ci)
+    pads = []
+    for size, k, s, (lo, hi), o in zip(x.shape[1:3], (kh, kw), stride, padding, g.shape[1:3]):
+        unused = size + lo + hi - ((o - 1) * s + k)  # trailing input rows no window reached
+        pads.append((k - 1 - lo, k - 1 - hi + unused))
+    dx = _grouped_forward(g, k_t, (1, 1), tuple(pads), groups, lhs_dilation=stride).astype(x.dtype)
+    # Kernel gradient: per tap, sum over positions of x_tap[..., group, c] * g[..., group, o].
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    b, oh, ow, _ = g.shape
+    gg = g.reshape(b, oh, ow, groups, cog)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            tap = lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride[0] + 1, j + (ow - 1) * stride[1] + 1,
+                                               xp.shape[3]), (1, stride[0], stride[1], 1))
+            tap = tap.reshape(b, oh, ow, groups, ci)
+            taps.append(jnp.einsum("bhwgc,bhwgo->cgo", tap, gg, preferred_element_type=jnp.float32))
+    dk = jnp.stack(taps).reshape(kh, kw, ci, co).astype(kernel.dtype)
+    return dx, dk
+
+
+_grouped_cpu.defvjp(_grouped_cpu_fwd, _grouped_cpu_bwd)
 
 
 def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
