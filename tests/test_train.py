@@ -115,10 +115,9 @@ def _case_eight_devices() -> None:
     import functools
 
     import jax
-    import jax.numpy as jnp
     from flax import jax_utils
 
-    from severjax import losses
+    from severjax import train
     from severjax.train import train_step
 
     assert jax.local_device_count() == 8, jax.devices()
@@ -126,7 +125,7 @@ def _case_eight_devices() -> None:
         state, schedules = _tiny_state(use_bn)
         p_step = jax.pmap(functools.partial(train_step, loss_config=LOSS, schedules=schedules),
                           axis_name="batch", in_axes=(0, 0, None))
-        p_state = jax_utils.replicate(state)
+        p_state = train.replicate_state(state)
         ref = state
         for step in range(2):
             batch = _batch(step)
@@ -151,7 +150,6 @@ def _case_eight_devices() -> None:
         if use_bn:
             assert _flat(got_state.batch_stats), "BN model has no batch_stats"
         print(f"OK bn={use_bn}")
-    del losses
 
 
 def _ghost_bn_step(state, batch, groups: int):
@@ -190,7 +188,7 @@ def test_batch_norm_recalibration_gives_the_exact_batch_statistics():
     state, _ = _tiny_state(use_bn=True)
     batches = [_batch(0, n=4), _batch(1, n=4)]
     p_stats = jax.pmap(train.batch_norm_statistics_step, axis_name="batch", in_axes=(0, 0, None))
-    p_state = train.recalibrate_batch_norm(p_stats, jax_utils.replicate(state), batches, jax.random.key(0))
+    p_state = train.recalibrate_batch_norm(p_stats, train.replicate_state(state), batches, jax.random.key(0))
     got = jax.device_get(jax_utils.unreplicate(p_state.batch_stats))["encoder"]["bn"]
     conv = state.params["encoder"]["conv0"]
     means, variances = [], []
@@ -237,7 +235,6 @@ def test_two_processes_train_together_through_jax_distributed(tmp_path):
 
     import jax
 
-    from severjax import checkpoint
     from severjax.train import train_step
 
     state, schedules = _tiny_state(use_bn=False)
@@ -256,7 +253,6 @@ def test_two_processes_train_together_through_jax_distributed(tmp_path):
     exported = json.loads((tmp_path / "export" / "model.json").read_text())
     assert exported == {"arch": "tiny"}
     assert (tmp_path / "export" / "variables").is_dir()
-    del checkpoint
 
 
 class _Position:
@@ -287,7 +283,7 @@ def _case_two_processes(port: str, process_id: str, out_dir: str) -> None:
     state, schedules = _tiny_state(use_bn=False)
     p_step = jax.pmap(functools.partial(train.train_step, loss_config=LOSS, schedules=schedules),
                       axis_name="batch", in_axes=(0, 0, None))
-    p_state = jax_utils.replicate(state)
+    p_state = train.replicate_state(state)
     for i in range(2):
         batch = _batch(i)
         local = {k: v[pid * 8:(pid + 1) * 8] for k, v in batch.items()}  # this process's shard
@@ -374,6 +370,7 @@ def finished_run(tmp_path_factory):
     return {"root": root, "config": config_path, "env": env, "workdir": root / "a", "summary": summary}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(finished_run):
     """Run B is SIGKILLed right after its first checkpoint (step 2), then restarted in the same workdir.
 
@@ -421,6 +418,7 @@ def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(f
     assert os.path.isfile(run_a / "config.json") and os.listdir(run_a / "tensorboard")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finished_run):
     """Resume a copy of run A's step-2 checkpoint with images scaled to ~1e30 (data.std=1e-30): the
     first step's loss overflows; the run stops naming the step and the last good checkpoint, and the
