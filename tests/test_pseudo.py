@@ -162,6 +162,7 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
         config.eval_batch_size = 4
         config.epochs = 1
         config.steps_per_epoch = 4
+        config.optim.flat_epochs = 0
         config.progress_bar = False
         for key, value in data_overrides.items():
             config.data[key] = value
@@ -178,17 +179,18 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
     pseudo_csv = tmp_path / "pseudo.csv"
     images = str(data / "test_images")
     summary = tool.main(["--checkpoint", str(tmp_path / "seg"), "--classifier", str(tmp_path / "cls"),
-                         "--images", images, "--out", str(tmp_path / "confident.csv"), "--quiet"])
+                         "--images", images, "--out", str(tmp_path / "confident.csv"), "--quiet", "--tta", "none",
+                         "--batch_size", "4"])
     assert summary["images"] == 12 and 0 <= summary["kept"] <= 12
     summary = tool.main(["--checkpoint", str(tmp_path / "seg"), "--images", images, "--out", str(pseudo_csv),
-                         "--quiet"])
+                         "--quiet", "--tta", "none", "--batch_size", "4"])
     assert summary["kept"] == 12  # no rule: every image, defect-free ones included
     assert len(kaggle.read_submission(str(pseudo_csv))) == 12
 
     config = _config("quickstart")
-    config.data.update(dir=str(data), tfds_dir=str(tmp_path / "tfds"), synthetic=None, crop=(64, 128),
-                       pseudo_csv=str(pseudo_csv), pseudo_images=images, pseudo_alpha=0.0)
-    config.batch_size = 4
+    config.data.dir, config.data.tfds_dir, config.data.synthetic = str(data), str(tmp_path / "tfds"), None
+    config.data.crop, config.batch_size = (64, 128), 4
+    config.data.pseudo_csv, config.data.pseudo_images, config.data.pseudo_alpha = str(pseudo_csv), images, 0.0
     loader = pipeline.train_loader(config, process_index=0, process_count=1)
     n_labelled = loader.num_records - 12
     assert sampling.FixedRatioSampler(n_labelled, 12, 4, 0.0, config.seed).counts == (3, 1)
@@ -201,5 +203,5 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
     predict = _tool("predict")
     gated = predict.main(["--checkpoint", str(tmp_path / "seg_pseudo"), "--classifier", str(tmp_path / "cls"),
                           "--images", images, "--out", str(tmp_path / "sub.csv"), "--quiet",
-                          "--truth", str(data / "test_truth.csv")])
+                          "--truth", str(data / "test_truth.csv"), "--tta", "none", "--batch_size", "4"])
     assert gated["images"] == 12 and 0.0 <= gated["score"] <= 1.0
