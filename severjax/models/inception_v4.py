@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from severjax.models.layers import BatchNorm2d, Conv2d
+from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d
 
 _TAPS = (2, 4, 8, 14, 21)
 _OUT_CHANNELS = (64, 192, 384, 1024, 1536)
@@ -187,12 +187,8 @@ def _chain(parent: nn.Module, prefix: str, specs: Sequence[tuple], x: jax.Array,
 
 
 def _max_pool(x: jax.Array) -> jax.Array:
-    """MaxPool2d(3, stride=2, padding=1) with -inf padding (SMP's patched pools).
-
-    flax's ``max_pool`` rather than ``layers.max_pool2d``: the latter's array-valued -inf init makes
-    ``reduce_window`` non-differentiable under ``jit``.
-    """
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    """MaxPool2d(3, stride=2, padding=1) with -inf padding (SMP's patched pools)."""
+    return max_pool2d(x, 3, stride=2, padding=1)
 
 
 def _avg_pool(x: jax.Array) -> jax.Array:
