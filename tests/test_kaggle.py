@@ -151,3 +151,21 @@ def test_score_tool(folder, tmp_path):
     kaggle.write_submission(str(tmp_path / "short.csv"), {k: full[k] for k in ["aaa.jpg", "bbb.jpg"]})
     out = _score("--truth", str(tmp_path / "truth.csv"), "--submission", str(tmp_path / "short.csv"))
     assert out.returncode != 0 and "ccc.jpg" in out.stderr
+
+
+def test_score_post_layout_submission_and_long_rle(folder, tmp_path):
+    path, _ = folder
+    full = kaggle.read_train_csv(str(path / "post.csv"), str(path / "train_images"))
+    kaggle.write_submission(str(tmp_path / "truth.csv"), full)
+    # A post-layout submission omits defect-free bbb.jpg: it is scored as predicted empty (correct here).
+    kaggle.write_submission(str(tmp_path / "post_sub.csv"), full, layout="post")
+    out = _score("--truth", str(tmp_path / "truth.csv"), "--submission", str(tmp_path / "post_sub.csv"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "score: 1.00000"
+    # A noisy mask's RLE is far longer than csv's default 128 KiB field limit.
+    noisy = np.zeros(SHAPE, bool)
+    noisy[::2, :] = True
+    rows = dict(full, **{"aaa.jpg": [rle_encode(noisy), "", "", ""]})
+    kaggle.write_submission(str(tmp_path / "long.csv"), rows)
+    assert len(rows["aaa.jpg"][0]) > 131072
+    assert kaggle.read_submission(str(tmp_path / "long.csv"))["aaa.jpg"][0] == rows["aaa.jpg"][0]

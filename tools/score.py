@@ -4,8 +4,9 @@
 
 Either CSV may be in the competition layout (ImageId_ClassId,EncodedPixels) or the post-competition
 layout (ImageId,ClassId,EncodedPixels). A post-layout truth lists defect rows only, so the images it
-scores are those of the submission when ``--truth_images`` is not given; an image that one side has and
-the other lacks is an error that names it.
+scores are those of the submission when ``--truth_images`` is not given; a post-layout submission
+predicts "no defect" for the truth's images it does not mention. Between competition-layout files, an
+image that one side has and the other lacks is an error that names it.
 """
 
 from __future__ import annotations
@@ -38,19 +39,22 @@ def main(argv=None) -> float:
 
 
 def load_pair(truth_csv: str, submission_csv: str, truth_images: str | None = None):
-    """Reads truth and submission; a defect-rows-only truth is completed with empty rows.
+    """Reads truth and submission; a side in the defect-rows-only (post) layout is completed with empty rows.
 
-    For a post-layout truth without ``truth_images``, the submission's images that the truth does not
-    mention are taken as defect-free (that layout cannot say which images it covers).
+    That layout cannot say which images it covers: a post-layout truth without ``truth_images`` takes the
+    submission's images it does not mention as defect-free, and a post-layout submission predicts
+    "no defect" for the truth's images it does not mention. Competition-layout files list every image,
+    so there a missing image is an error.
     """
     submission = kaggle.read_submission(submission_csv)
-    if truth_images:
-        truth = kaggle.read_train_csv(truth_csv, truth_images)
-    else:
-        truth = kaggle.read_submission(truth_csv)
-        if _is_post_layout(truth_csv):
-            for image_id in submission:
-                truth.setdefault(image_id, [""] * kaggle.NUM_CLASSES)
+    truth = kaggle.read_train_csv(truth_csv, truth_images) if truth_images else kaggle.read_submission(truth_csv)
+    empty = [""] * kaggle.NUM_CLASSES
+    if not truth_images and _is_post_layout(truth_csv):
+        for image_id in submission:
+            truth.setdefault(image_id, list(empty))
+    if _is_post_layout(submission_csv):
+        for image_id in truth:
+            submission.setdefault(image_id, list(empty))
     return truth, submission
 
 

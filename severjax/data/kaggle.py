@@ -26,6 +26,8 @@ NUM_CLASSES = 4
 COMPETITION_HEADER = ("ImageId_ClassId", "EncodedPixels")
 POST_HEADER = ("ImageId", "ClassId", "EncodedPixels")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The longest possible RLE (a checkerboard 256x1600 mask) is ~3 MB; csv's default field limit is 128 KiB.
+MAX_FIELD_CHARS = 16 * 1024 * 1024
 
 Annotations = dict[str, list[str]]
 
@@ -124,6 +126,8 @@ def list_images(image_dir: str) -> list[str]:
 def _read_rows(csv_path: str, shape, require_all_classes: bool) -> Annotations:
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"CSV {csv_path} does not exist")
+    if csv.field_size_limit() < MAX_FIELD_CHARS:
+        csv.field_size_limit(MAX_FIELD_CHARS)
     with open(csv_path, newline="") as f:
         reader = csv.reader(f)
         header = tuple(h.strip().lstrip("\ufeff") for h in next(reader, ()))
