@@ -115,6 +115,20 @@ def test_batchnorm_train_and_eval_match_torch(momentum, eps):
     np.testing.assert_allclose(y, _nhwc(ref), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(upd["batch_stats"]["mean"], tbn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(upd["batch_stats"]["var"], tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    # train-mode gradients (hand-written VJP) against torch autograd
+    g = RNG.randn(*x.shape).astype(np.float32)
+    tx = _nchw(x).requires_grad_(True)
+    tbn.weight.grad = tbn.bias.grad = None
+    (tbn(tx) * _nchw(g)).sum().backward()
+
+    def loss(params, x):
+        y, _ = bn.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * g)
+
+    dparams, dx = jax.grad(loss, argnums=(0, 1))(v["params"], jnp.asarray(x))
+    np.testing.assert_allclose(dx, _nhwc(tx.grad), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dparams["scale"], tbn.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dparams["bias"], tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ class Conv2d(nn.Module):
         kernel = kernel.astype(self.dtype)
         if self.groups > 1 and self.groups == in_features == self.features:
             y = depthwise_conv2d(x, kernel, stride, padding, dilation, impl=self.depthwise_impl)
+        elif (kh, kw) == (1, 1) and stride == (1, 1) and padding == ((0, 0), (0, 0)) and self.groups == 1:
+            # a pointwise conv is a matmul; as a dot its gradients need no transposed copies (CPU: ~2x faster)
+            y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
         else:
             y = lax.conv_general_dilated(
                 x, kernel, stride, padding, rhs_dilation=dilation,
@@ -133,12 +136,12 @@ class BatchNorm2d(nn.Module):
             xf = x.astype(jnp.float32)
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axis=axes)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
+            var = jnp.mean(jnp.square(xf - mean), axis=axes)  # two-pass: accurate, and as fast here as one-pass
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
                 unbiased = var * (n / max(n - 1, 1))
-                ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
-                ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
+                ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * lax.stop_gradient(mean)
+                ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * lax.stop_gradient(unbiased)
         else:
             mean, var = ra_mean.value, ra_var.value
         a = scale * lax.rsqrt(var + self.eps)
@@ -224,13 +227,26 @@ def _depthwise_taps_fwd(x, kernel, stride, padding, dilation):
 
 def _depthwise_taps_bwd(stride, padding, dilation, res, g):
     x, kernel = res
-    _, vjp_x = jax.vjp(lambda x_: _taps_forward(x_, kernel, stride, padding, dilation), x)
-    (dx,) = vjp_x(g)
+    dx = _depthwise_input_grad(g, kernel, x.shape, stride, padding, dilation)
     dk = _depthwise_kernel_grad(x, g, kernel.shape, stride, padding, dilation).astype(kernel.dtype)
     return dx, dk
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+def _depthwise_input_grad(g, kernel, x_shape, stride, padding, dilation):
+    """d(loss)/d(x): a stride-1 taps correlation of ``g`` (zero-dilated by the stride, padded) with the
+    flipped kernel; 2-4x faster on CPU than the transpose of the strided slices (a sum of pads)."""
+    kh, kw = kernel.shape[:2]
+    config = [(0, 0, 0)]
+    for axis, (k, s, d, (lo_pad, _)) in enumerate(zip((kh, kw), stride, dilation, padding)):
+        lo = (k - 1) * d - lo_pad
+        hi = x_shape[1 + axis] + (k - 1) * d - lo - ((g.shape[1 + axis] - 1) * s + 1)
+        config.append((lo, hi, s - 1))
+    config.append((0, 0, 0))
+    g = lax.pad(g, jnp.zeros((), g.dtype), config)
+    return _taps_forward(g, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), dilation)
+
 
 _ROW_BLOCK_BYTES = 1 << 19  # ~512 KiB of input rows per scan step keeps the taps' reads in cache
 
