@@ -33,11 +33,14 @@ import argparse
 import functools
 import gc
 import importlib.util
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime
 
@@ -67,7 +70,11 @@ def main(argv=None) -> list[Result]:
                         help="models to time (default: both; --quick: fpn-b5)")
     parser.add_argument("--only", nargs="+", default=list(GROUPS), choices=GROUPS, help="item groups to run")
     parser.add_argument("--ref_threads", type=int, default=None, help="torch threads (default: every core)")
+    parser.add_argument("--torch_memory_probe", default=None, metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.torch_memory_probe:  # internal: run by torch_step_peak_rss in a fresh process
+        print(json.dumps({"peak_rss": _torch_memory_probe(args.torch_memory_probe, args.batch)}))
+        return []
     if args.repeats < 5:
         print(f"note: --repeats {args.repeats} < 5: medians of fewer calls are noisy", flush=True)
     models = args.models or (["fpn-b5"] if args.quick else list(MODEL_CONFIGS))
@@ -80,10 +87,11 @@ def main(argv=None) -> list[Result]:
 
     rows: list[Result] = []
 
-    def add(new_rows: list[Result]) -> None:
-        rows.extend(new_rows)
-        harness.print_table(new_rows)
-        print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
+    def add(new_rows: Iterable[Result]) -> None:
+        for row in new_rows:  # each row is printed as soon as it is measured
+            rows.append(row)
+            harness.print_table([row])
+            print(f"[{time.perf_counter() - start:.0f} s]", flush=True)
 
     if "models" in args.only:
         for name in models:
@@ -99,11 +107,12 @@ def main(argv=None) -> list[Result]:
         add(pipeline_rows([0] if args.quick else [0, 1, 2]))
 
     total = time.perf_counter() - start
-    print(f"\n=== all rows ({total:.0f} s; jax/ref < 1: severjax faster; load average now "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ===")
+    cpu = _cpu_seconds()
+    print(f"\n=== all rows ({total:.0f} s wall, {cpu:.0f} s CPU incl. children; jax/ref < 1: severjax faster; "
+          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores) ===")
     harness.print_table(rows)
     if args.json:
-        harness.write_json(rows, args.json, seconds=total, quick=args.quick, repeats=args.repeats,
+        harness.write_json(rows, args.json, seconds=total, cpu_seconds=cpu, quick=args.quick, repeats=args.repeats,
                            peak_gflops=peak.flops_per_s / 1e9, peak_how=peak.how)
         print(f"wrote {args.json}")
     return rows
@@ -112,7 +121,7 @@ def main(argv=None) -> list[Result]:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def model_rows(name: str, batch: int, repeats: int, peak: bench_flops.PeakEstimate) -> list[Result]:
+def model_rows(name: str, batch: int, repeats: int, peak: bench_flops.PeakEstimate) -> Iterator[Result]:
     """Forward and train-step rows of one model at its config's crop, JAX against SMP/PyTorch."""
     import jax
 
@@ -131,6 +140,7 @@ def model_rows(name: str, batch: int, repeats: int, peak: bench_flops.PeakEstima
     forward = Result.from_timings(f"forward {label}", jax_t, ref_t, unit="batch",
                                   **bench_flops.flops_extra(flops, jax_t, ref_t, peak))
     forward.compile_s = compile_s
+    yield forward
     del variables, x, compiled
     gc.collect()
 
@@ -139,15 +149,17 @@ def model_rows(name: str, batch: int, repeats: int, peak: bench_flops.PeakEstima
     torch_step = torch_train_step(config, name, image, mask)
     jax_t, ref_t = harness.time_pair(jax_step, torch_step, repeats=repeats)
     jax_rss, _ = harness.peak_rss(jax_step)
-    ref_rss, _ = harness.peak_rss(torch_step)
+    del torch_step
+    gc.collect()
+    ref_rss = torch_step_peak_rss(name, batch)
     step = Result.from_timings(f"train step {label}", jax_t, ref_t, unit="step",
                                xla_peak_mib=jax_mem / 2**20, jax_rss_mib=jax_rss / 2**20, ref_rss_mib=ref_rss / 2**20,
                                images_per_s=batch / jax_t.median, ref_images_per_s=batch / ref_t.median)
     step.compile_s = step_compile_s
-    del jax_step, torch_step
+    yield step
+    del jax_step
     gc.collect()
     jax.clear_caches()
-    return [forward, step]
 
 
 def jax_train_step(config, image: np.ndarray, mask: np.ndarray) -> tuple[Callable[[], Any], int, float]:
@@ -211,6 +223,34 @@ def torch_train_step(config, name: str, image: np.ndarray, mask: np.ndarray) -> 
         return loss
 
     return step
+
+
+def torch_step_peak_rss(name: str, batch: int) -> int:
+    """Peak resident-memory rise of one PyTorch train step (the second), measured in a fresh process.
+
+    In this process glibc keeps freed memory from earlier steps, so a step's RSS rise reads ~0. The probe
+    process fixes ``MALLOC_MMAP_THRESHOLD_`` so that large buffers are mapped and unmapped each step, as
+    XLA's are, and ``harness.peak_rss`` sees the step's real peak.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 17), OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--torch_memory_probe", name,
+                           "--batch", str(batch)], env=env, capture_output=True, text=True, timeout=1200)
+    if proc.returncode:
+        raise RuntimeError(f"torch memory probe for {name} failed:\n{proc.stderr[-3000:]}")
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"])
+
+
+def _torch_memory_probe(name: str, batch: int) -> int:
+    harness.torch_setup()
+    config = load_config(MODEL_CONFIGS[name])
+    crop = bench_flops.MODELS[name][2]
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(batch, *crop, 1)).astype(np.float32)
+    mask = (rng.random((batch, *crop, 4)) < 0.05).astype(np.float32)
+    step = torch_train_step(config, name, image, mask)
+    step()  # the first step allocates the gradients and the optimizer state
+    peak, _ = harness.peak_rss(step)
+    return peak
 
 
 # --------------------------------------------------------------------------------------- full-image TTA
@@ -318,7 +358,9 @@ def rle_rows(repeats: int) -> list[Result]:
     for op, ours, ref, arg in (("encode", rle_encode, bench_rle.reference_encode, mask),
                                ("decode", rle_decode, bench_rle.reference_decode, rle)):
         jax_t, ref_t = harness.time_pair(lambda: ours(arg), lambda: ref(arg), repeats=repeats)
-        rows.append(Result.from_timings(f"rle {op} (numpy, no jax) 256x1600 blobs", jax_t, ref_t, unit="mask"))
+        row = Result.from_timings(f"rle {op} (numpy, no jax) 256x1600 blobs", jax_t, ref_t, unit="mask")
+        row.compile_s = None  # nothing compiles
+        rows.append(row)
     return rows
 
 
@@ -343,6 +385,13 @@ def pipeline_rows(workers: list[int], images: int = 48, batch: int = 6, batches:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (grain workers, probes)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def load_config(filename: str):
