@@ -8,7 +8,8 @@ model of the same arch/encoder (random weights) - and times full training steps 
 forward, 0.6 * BCE + 0.4 * (1 - soft Dice over the batch), backward, two-group RAdam with decoupled
 weight decay (torch: ``torch.optim.RAdam(decoupled_weight_decay=True)``). The JAX step is
 ``severjax.train.train_step`` under ``jit`` on one device (the first call, compiling, is reported
-apart). Prints images/s of each and the ratio JAX / PyTorch, measured in the same run.
+apart). Timed steps alternate JAX / PyTorch so both see the same machine load. Prints images/s
+(wall) and process CPU time per step of each, and the ratio JAX / PyTorch, measured in the same run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "b5_fpn.py"))
     parser.add_argument("--batch", type=int, default=2, help="images a step (the configs' batch is too big for a CPU)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--dtype", default=None, help="JAX compute dtype (default: the config's)")
     parser.add_argument("--skip_torch", action="store_true", help="time the JAX step only")
@@ -44,50 +45,61 @@ def main(argv=None) -> dict[str, float]:
     image = rng.normal(size=(args.batch, h, w, 1)).astype(np.float32)
     mask = (rng.random((args.batch, h, w, 4)) < 0.05).astype(np.float32)
     print(f"{config.model.arch}/{config.model.encoder} crop {h}x{w} batch {args.batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up", flush=True)
+          f"{args.steps} timed steps each after {args.warmup} warm-up, JAX and PyTorch steps alternated "
+          "so that both see the same machine load", flush=True)
 
-    results = {}
-    jax_first, jax_step = _time_jax(config, image, mask, args.steps, args.warmup)
-    results["jax_images_per_s"] = args.batch / jax_step
-    print(f"jax   : {results['jax_images_per_s']:.3f} images/s ({jax_step * 1e3:.0f} ms/step; first call "
-          f"{jax_first:.1f} s incl. compile, dtype {config.model.dtype})", flush=True)
+    steps = {"jax": _jax_step(config, image, mask)}
+    start = time.perf_counter()
+    steps["jax"]()
+    print(f"jax first step (compile included): {time.perf_counter() - start:.1f} s", flush=True)
     if not args.skip_torch:
-        torch_step = _time_torch(config, image, mask, args.steps, args.warmup)
-        results["torch_images_per_s"] = args.batch / torch_step
+        steps["torch"] = _torch_step(config, image, mask)
+    for _ in range(args.warmup):
+        for step in steps.values():
+            step()
+    wall = {name: 0.0 for name in steps}
+    cpu = {name: 0.0 for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[name] += time.perf_counter() - w0
+            cpu[name] += time.process_time() - c0
+    results = {}
+    for name in steps:
+        results[f"{name}_images_per_s"] = args.batch * args.steps / wall[name]
+        print(f"{name:5s} : {results[f'{name}_images_per_s']:.3f} images/s ({wall[name] / args.steps * 1e3:.0f} "
+              f"ms/step wall, {cpu[name] / args.steps * 1e3:.0f} ms/step process CPU)", flush=True)
+    if "torch" in steps:
         results["ratio"] = results["jax_images_per_s"] / results["torch_images_per_s"]
-        print(f"torch : {results['torch_images_per_s']:.3f} images/s ({torch_step * 1e3:.0f} ms/step, "
-              f"{_torch_threads()} threads)")
-        print(f"ratio jax/torch: {results['ratio']:.2f}")
+        print(f"torch threads {_torch_threads()}, jax dtype {config.model.dtype}")
+        print(f"ratio jax/torch (images/s): {results['ratio']:.2f}")
     return results
 
 
-def _time_jax(config, image, mask, steps: int, warmup: int) -> tuple[float, float]:
+def _jax_step(config, image, mask):
+    """A closure running one jitted severjax train step (state carried inside) and waiting for it."""
     import jax
 
     from severjax import optim, train
 
     model, _ = train.build_model(config)
     tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=100, epochs=config.epochs)
-    state = train.create_train_state(config, model, tx)
+    holder = {"state": train.create_train_state(config, model, tx)}
     step = jax.jit(functools.partial(train.train_step, loss_config=dict(config.loss), schedules=schedules,
                                      axis_name=None), donate_argnums=(0,))
     batch = {"image": jax.device_put(image), "mask": jax.device_put(mask)}
     key = jax.random.key(0)
-    start = time.perf_counter()
-    state, metrics = step(state, batch, key)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        state, metrics = step(state, batch, key)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch, key)
-    jax.block_until_ready((state.params, metrics))
-    return first, (time.perf_counter() - start) / steps
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch, key)
+        jax.block_until_ready((holder["state"].params, metrics))
+
+    return run
 
 
-def _time_torch(config, image, mask, steps: int, warmup: int) -> float:
+def _torch_step(config, image, mask):
+    """A closure running one PyTorch training step of the SMP model (same loss and optimizer)."""
     import segmentation_models_pytorch as smp
     import torch
 
@@ -111,7 +123,7 @@ def _time_torch(config, image, mask, steps: int, warmup: int) -> float:
     bce = torch.nn.BCEWithLogitsLoss()
     eps = config.loss.dice_eps
 
-    def step():
+    def run():
         opt.zero_grad(set_to_none=True)
         logits = model(x)
         probs = torch.sigmoid(logits)
@@ -119,14 +131,8 @@ def _time_torch(config, image, mask, steps: int, warmup: int) -> float:
         loss = config.loss.bce_weight * bce(logits, y) + config.loss.dice_weight * (1 - dice)
         loss.backward()
         opt.step()
-        return loss
 
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    return run
 
 
 def _torch_threads() -> int:

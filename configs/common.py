@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import ml_collections
 
-KAGGLE_HINT = (
-    "download the Kaggle data with `kaggle competitions download -c severstal-steel-defect-detection`, "
-    "unzip it so that the folder holds train.csv and train_images/ (and test_images/), and point "
-    "--config.data.dir at it (default ./data/severstal)"
-)
-
 
 def get_config() -> ml_collections.ConfigDict:
     """The defaults shared by every run (the original solution's values where it had one)."""
@@ -24,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.epochs = 250
     config.steps_per_epoch = 0  # 0 = n_train // batch_size
     config.eval_every_epochs = 1
-    config.early_stop_epochs = 0  # stop after this many epochs without a better val dice (0 = never)
+    # stop after this many epochs without a better validation score (the original meant 50/100; its
+    # monitoring was broken so it never stopped); 0 = never
+    config.early_stop_epochs = 0
     config.checkpoint_every = 500  # steps between periodic train-state saves (epoch ends always save)
     config.keep_checkpoints = 2  # latest K periodic checkpoints, plus the best by val dice
     config.log_every = 20  # steps between TensorBoard scalars

@@ -4,7 +4,7 @@ One pure step ``train_step(state, batch, rng) -> (state, metrics)`` pmapped over
 (axis ``"batch"``): gradients ``pmean``'d, BatchNorm statistics ``pmean``'d after the step, one dropout
 key a device. Every ``config.checkpoint_every`` steps and at each epoch end the train state, the input
 pipeline's position and the loop's bookkeeping go to an orbax ``CheckpointManager`` in
-``<workdir>/checkpoints`` (the latest ``keep_checkpoints`` plus the best by validation Dice); a
+``<workdir>/checkpoints`` (the latest ``keep_checkpoints`` plus the best by validation score); a
 restart with the same workdir resumes exactly. Inference exports go to ``<workdir>/model_best`` (each
 new best validation score) and ``<workdir>/model_last`` (the end). Validation (each
 ``config.eval_every_epochs``) thresholds probabilities at 0.5 and averages the per-image, per-class
@@ -14,7 +14,8 @@ A non-finite loss, gradient or parameter stops the run before anything of that s
 
 Multi-host: pass ``--coordinator_address --num_processes --process_id`` (or run where
 ``jax.distributed.initialize()`` detects the cluster, or set ``JAX_COORDINATOR_ADDRESS``); every
-process reads its own shard of each global batch and feeds its local devices.
+process reads its own shard of each global batch, feeds its local devices and checkpoints its own
+input position.
 """
 
 from __future__ import annotations

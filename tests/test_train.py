@@ -204,6 +204,35 @@ def test_batch_norm_recalibration_gives_the_exact_batch_statistics():
         np.testing.assert_array_equal(value, _flat(state.params)[key])
 
 
+def test_init_weights_load_an_export_and_reject_one_that_does_not_fit(tmp_path):
+    """config.init_weights: an exported model's variables replace the initial ones, shapes checked."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from severjax.checkpoint import save_model
+    from severjax.models import create_model
+    from severjax.train import load_init_weights
+
+    def variables(classes):  # shapes only (no init compile), then distinct values
+        model = create_model("unet", "efficientnet-b0", classes=classes, in_channels=1)
+        shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                                jnp.zeros((1, 64, 64, 1)))
+        leaves, tree = jax.tree_util.tree_flatten(shapes)
+        return jax.tree_util.tree_unflatten(tree, [np.full(x.shape, i, x.dtype) for i, x in enumerate(leaves)])
+
+    exported = variables(4)
+    save_model(str(tmp_path / "m4"), exported, {"arch": "unet", "encoder": "efficientnet-b0", "classes": 4,
+                                                "in_channels": 1})
+    like = jax.tree_util.tree_map(np.zeros_like, exported)
+    loaded = _flat(load_init_weights(str(tmp_path / "m4"), like))
+    for key, value in _flat(exported).items():
+        np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+    with pytest.raises(ValueError, match=r"does not fit the configured model: .*segmentation_head.*shape"):
+        load_init_weights(str(tmp_path / "m4"), variables(3))
+
+
 # ------------------------------------------------------------------------------- multi-process
 
 
