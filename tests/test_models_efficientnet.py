@@ -131,6 +131,24 @@ def test_batchnorm_train_and_eval_match_torch(momentum, eps):
     np.testing.assert_allclose(dparams["bias"], tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_groupnorm_matches_torch():
+    x = (RNG.randn(2, 5, 7, 64) * 2 + 1).astype(np.float32)
+    tgn = torch.nn.GroupNorm(32, 64)
+    with torch.no_grad():
+        tgn.weight.copy_(torch.linspace(0.5, 1.5, 64))
+        tgn.bias.copy_(torch.linspace(-1, 1, 64))
+    v = {"params": {"scale": tgn.weight.detach().numpy().copy(), "bias": tgn.bias.detach().numpy().copy()}}
+    gn = layers.GroupNorm(32)
+    g = RNG.randn(*x.shape).astype(np.float32)
+    tx = _nchw(x).requires_grad_(True)
+    ty = tgn(tx)
+    (ty * _nchw(g)).sum().backward()
+    np.testing.assert_allclose(gn.apply(v, x), _nhwc(ty), rtol=1e-5, atol=1e-5)
+    dparams, dx = jax.grad(lambda p, x: jnp.sum(gn.apply({"params": p}, x) * g), argnums=(0, 1))(v["params"], x)
+    np.testing.assert_allclose(dx, _nhwc(tx.grad), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dparams["scale"], tgn.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------
 # EfficientNet structure
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from severjax.models.layers import (Conv2d, channel_dropout, kaiming_uniform_relu, resize_bilinear_align_corners,
-                                    upsample_nearest, xavier_uniform)
+from severjax.models.layers import (Conv2d, GroupNorm, channel_dropout, kaiming_uniform_relu,
+                                    resize_bilinear_align_corners, upsample_nearest, xavier_uniform)
 from severjax.models.registry import encoder_torch_ignored, get_encoder
 
 Dtype = Any
@@ -127,7 +127,7 @@ class Conv3x3GNReLU(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = Conv2d(self.features, 3, padding=1, use_bias=False, dtype=self.dtype, kernel_init=kaiming_uniform_relu,
                    name="block_0")(x)
-        x = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, use_fast_variance=False, name="block_1")(x)
+        x = GroupNorm(32, 1e-5, self.dtype, name="block_1")(x)
         x = nn.relu(x)
         if self.upsample:
             x = resize_bilinear_align_corners(x, (x.shape[1] * 2, x.shape[2] * 2))

@@ -37,6 +37,7 @@ Flax submodules are named after the PyTorch module attributes, so conversion is 
 
 Layers here: :class:`Conv2d` (explicit padding including TF-"same" static padding, stride, dilation, groups,
 bias; a fast depthwise path on CPU), :class:`BatchNorm2d` (torch eps/momentum and running-variance rule),
+:class:`GroupNorm`,
 :func:`max_pool2d` (``ceil_mode``), :func:`resize_bilinear_align_corners` and :func:`upsample_nearest`
 (bit-for-bit the index rules of ``torch.nn.functional.interpolate``), :func:`drop_connect`.
 """
@@ -147,6 +148,34 @@ class BatchNorm2d(nn.Module):
         a = scale * lax.rsqrt(var + self.eps)
         b = bias - mean * a
         return (x.astype(jnp.float32) * a + b).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """``torch.nn.GroupNorm`` on NHWC inputs (params ``scale``/``bias``, torch's eps 1e-5 by default).
+
+    Statistics as per-channel sums over H, W first, then summed within groups (two-pass variance):
+    on CPU 2-4x faster than ``flax.linen.GroupNorm``'s reduction over a (B, H, W, G, C/G) view.
+    """
+
+    num_groups: int = 32
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        if c % self.num_groups:
+            raise ValueError(f"{self.name}: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones_init(), (c,))
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        per_group = c // self.num_groups
+        n = h * w * per_group
+        xf = x.astype(jnp.float32)
+        mean = jnp.repeat(jnp.sum(xf, axis=(1, 2)).reshape(b, self.num_groups, per_group).sum(-1) / n, per_group, axis=1)
+        centred = xf - mean[:, None, None, :]
+        var = jnp.sum(centred * centred, axis=(1, 2)).reshape(b, self.num_groups, per_group).sum(-1) / n
+        a = jnp.repeat(lax.rsqrt(var + self.eps), per_group, axis=1) * scale
+        return (xf * a[:, None, None, :] + (bias - mean * a)[:, None, None, :]).astype(self.dtype)
 
 
 def same_padding(image_size: IntPair, kernel_size: IntPair, stride: IntPair, dilation: IntPair = 1):
