@@ -28,7 +28,7 @@ def test_loss_matches_numpy_reference():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (3, 8, 12, 4)).astype(np.float32)
     masks = (rng.random((3, 8, 12, 4)) < 0.3).astype(np.float32)
-    terms = losses.bce_dice_loss(jnp.asarray(logits), jnp.asarray(masks))
+    terms = jax.jit(losses.bce_dice_loss)(jnp.asarray(logits), jnp.asarray(masks))
     want = _numpy_loss(logits, masks)
     np.testing.assert_allclose([float(terms.loss), float(terms.bce), float(terms.dice_loss)], want, rtol=1e-5)
 
@@ -36,7 +36,7 @@ def test_loss_matches_numpy_reference():
 def test_loss_empty_masks_and_bfloat16_logits():
     logits = jnp.full((2, 4, 4, 4), -40.0, jnp.bfloat16)
     masks = jnp.zeros((2, 4, 4, 4))
-    terms = losses.bce_dice_loss(logits, masks)
+    terms = jax.jit(losses.bce_dice_loss)(logits, masks)
     assert terms.loss.dtype == jnp.float32
     # all-empty prediction of an all-empty truth: Dice (0 + eps) / (~0 + eps) is ~1, BCE ~0
     assert float(terms.bce) < 1e-6 and float(terms.dice_loss) < 0.01
@@ -52,17 +52,20 @@ def test_sharded_loss_value_and_mean_gradient_equal_the_global_ones():
     def global_loss(s):
         return losses.bce_dice_loss(logits * s, masks).loss
 
+    def global_dice(s):
+        return losses.bce_dice_loss(logits * s, masks).dice_loss
+
     def shard_loss(s, lg, mk):
         terms = losses.bce_dice_loss(lg * s, mk, axis_name="batch")
         return terms.loss, terms.dice_loss
 
     shards = lambda a: a.reshape((4, 2) + a.shape[1:])
-    (values, dice), grads = jax.vmap(jax.value_and_grad(shard_loss, has_aux=True), in_axes=(None, 0, 0),
-                                     axis_name="batch")(scale, shards(logits), shards(masks))
-    want_value, want_grad = jax.value_and_grad(global_loss)(scale)
+    (values, dice), grads = jax.jit(jax.vmap(jax.value_and_grad(shard_loss, has_aux=True), in_axes=(None, 0, 0),
+                                             axis_name="batch"))(scale, shards(logits), shards(masks))
+    want_value, want_grad = jax.jit(jax.value_and_grad(global_loss))(scale)
     # BCE stays the shard's mean (their mean is the global mean); the Dice term is the global one
     np.testing.assert_allclose(float(jnp.mean(values)), float(want_value), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(dice), float(losses.bce_dice_loss(logits * scale, masks).dice_loss),
+    np.testing.assert_allclose(np.asarray(dice), float(jax.jit(global_dice)(scale)),
                                rtol=1e-6)
     np.testing.assert_allclose(float(jnp.mean(grads)), float(want_grad), rtol=1e-5)
 
@@ -108,7 +111,8 @@ def test_each_parameter_gets_its_groups_lr_and_weight_decay():
     state = tx.init(params)
     # Zero gradients: RAdam's step is 0, the update is the decoupled decay -lr * wd * p alone.
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    updates, state = tx.update(zeros, state, params)
+    tx_update = jax.jit(tx.update)  # one compile instead of one per eager op
+    updates, state = tx_update(zeros, state, params)
     for path, update in jax.tree_util.tree_leaves_with_path(updates):
         group = "encoder" if path[0].key == "encoder" else "decoder"
         p = _at(params, path)
@@ -118,7 +122,7 @@ def test_each_parameter_gets_its_groups_lr_and_weight_decay():
     # step m_hat = g: the update is -lr * (g + wd * p).
     state = tx.init(params)
     grads = jax.tree_util.tree_map(lambda p: 0.5 * p + 1.0, params)
-    updates, _ = tx.update(grads, state, params)
+    updates, _ = tx_update(grads, state, params)
     for path, update in jax.tree_util.tree_leaves_with_path(updates):
         group = "encoder" if path[0].key == "encoder" else "decoder"
         p, g = _at(params, path), _at(grads, path)
@@ -143,11 +147,12 @@ def test_radam_matches_torch_radam_with_decoupled_decay():
     tx, _ = optim.create_optimizer(config, steps_per_epoch=1, epochs=12)
     params = {"encoder": {"w": jnp.asarray(p0)}, "decoder": {"w": jnp.zeros(1)}}
     state = tx.init(params)
+    tx_update = jax.jit(tx.update)
     t_param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
     t_opt = torch.optim.RAdam([t_param], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                               decoupled_weight_decay=True)
     for g in grads:
-        updates, state = tx.update({"encoder": {"w": jnp.asarray(g)}, "decoder": {"w": jnp.zeros(1)}},
+        updates, state = tx_update({"encoder": {"w": jnp.asarray(g)}, "decoder": {"w": jnp.zeros(1)}},
                                    state, params)
         params = optax.apply_updates(params, updates)
         t_param.grad = torch.from_numpy(g.copy())
@@ -163,7 +168,7 @@ def test_clip_norm_and_missing_encoder_key():
     tx, _ = optim.create_optimizer(dict(OPTIM, clip_norm=1.0, encoder_wd=0.0, decoder_wd=0.0),
                                    steps_per_epoch=1, epochs=1)
     grads = jax.tree_util.tree_map(lambda p: 100.0 * jnp.ones_like(p), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     # step 1: update = -lr * clipped g; the clipped gradients have global norm 1
     enc = jax.tree_util.tree_map(lambda u: u / -OPTIM["encoder_lr"], updates["encoder"])
     dec = jax.tree_util.tree_map(lambda u: u / -OPTIM["decoder_lr"], {k: updates[k] for k in ("decoder", "head")})

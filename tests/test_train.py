@@ -60,11 +60,11 @@ def _tiny_state(use_bn: bool, dropout: float = 0.0):
     from severjax.train import TrainState
 
     model = _tiny_model(use_bn, dropout)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 1)))
     tx, schedules = optim.create_optimizer(OPTIM, steps_per_epoch=2, epochs=3)
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                              batch_stats=variables.get("batch_stats", {}),
-                              rng=jax.random.key_data(jax.random.key(1)))
+    state = jax.jit(lambda v: TrainState.create(apply_fn=model.apply, params=v["params"], tx=tx,
+                                                batch_stats=v.get("batch_stats", {}),
+                                                rng=jax.random.key_data(jax.random.key(1))))(variables)
     return state, schedules
 
 
