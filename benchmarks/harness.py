@@ -2,10 +2,16 @@
 
 ``time_fn(fn, *args)`` calls ``fn`` once (timed apart: for a jit function that is the compile), then
 ``warmup - 1`` more untimed calls, then ``repeats`` timed calls, blocking on JAX outputs each time; it returns
-a ``Timing`` (median, min, max, quartiles, first call). ``torch_setup()`` gives the PyTorch reference every
-core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1 means
-severjax is faster); ``print_table`` and ``write_json`` show and store rows. ``peak_rss`` measures a call's peak
-resident memory above the memory in use before it (Linux: resets ``VmHWM`` through ``/proc/self/clear_refs``).
+a ``Timing`` (median, min, max, quartiles, first call, median process CPU time). ``time_pair`` times two
+callables alternately, so that both see the same machine load. ``torch_setup()`` gives the PyTorch reference
+every core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1
+means severjax is faster; ``cpu_ratio`` the same for CPU seconds); ``print_table`` and ``write_json`` show and
+store rows. ``peak_rss`` measures a call's peak resident memory above the memory in use before it (Linux:
+resets ``VmHWM`` through ``/proc/self/clear_refs``).
+
+On a machine shared with other jobs the wall-time ratio swings with how each runtime's threads get
+scheduled (we saw the same forward read 0.6x and 2.4x within an hour at load 13 on 2 cores); the CPU-time
+ratio stayed within ~10%. Read ``cpu j/r`` there, ``jax/ref`` on an idle machine.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -227,9 +234,10 @@ def write_json(rows: Iterable[Result], path: str, **meta: Any) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, core count, load average and library versions: what a reader needs to compare runs."""
+    """CPU model, core count, load average, library versions and the severjax commit (``+dirty`` when
+    severjax/ has uncommitted changes): what a reader needs to compare runs."""
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                            "cpu": _cpu_model(), "platform": platform.platform()}
+                            "cpu": _cpu_model(), "platform": platform.platform(), "commit": _git_commit()}
     try:
         info["loadavg"] = os.getloadavg()
     except OSError:
@@ -259,6 +267,18 @@ def _format_extra(extra: dict[str, Any]) -> str:
             value = f"{value:.3g}"
         parts.append(f"{key}={value}")
     return " ".join(parts)
+
+
+def _git_commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "severjax"], cwd=root, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return (head or "?") + ("+dirty" if dirty else "")
 
 
 def _cpu_model() -> str:
