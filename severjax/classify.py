@@ -94,12 +94,13 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, weights: np.nd
 
 
 def train_step(state, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               schedules: Mapping[str, optax.Schedule] | None = None, axis_name: str | None = AXIS
-               ) -> tuple[Any, dict[str, jax.Array]]:
+               schedules: Mapping[str, optax.Schedule] | None = None, bce_weight: float = 1.0,
+               axis_name: str | None = AXIS) -> tuple[Any, dict[str, jax.Array]]:
     """One optimizer step of the classifier on this device's share of the batch (call under ``pmap``).
 
     ``state`` is ``severjax.train.TrainState`` (``apply_fn``, ``params``, ``batch_stats``); the labels
-    are ``image_labels(batch["mask"])`` unless the batch carries ``"labels"``. Gradients, BatchNorm
+    are ``image_labels(batch["mask"])`` unless the batch carries ``"labels"``; the loss is ``bce_weight``
+    (``config.loss.bce_weight``) times the BCE. Gradients, BatchNorm
     statistics and metrics are ``pmean``'d over ``axis_name`` (``None``: single device, for ``jit``).
     """
     if axis_name is not None:
@@ -110,7 +111,7 @@ def train_step(state, batch: Mapping[str, jax.Array], rng: jax.Array, *,
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
             rngs={"dropout": rng}, mutable=["batch_stats"])
-        return classifier_loss(logits, labels), (logits, updates.get("batch_stats", {}))
+        return bce_weight * classifier_loss(logits, labels), (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     accuracy = jnp.mean(((logits > 0) == (labels > 0.5)).astype(jnp.float32))

@@ -65,7 +65,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from ``<workdir>/checkpoints`` if any), evaluates each epoch, exports models.
 
     Returns a summary: ``step``, ``score_name`` (what selects the best model: ``dice_mean``, or for the
-    classifier ``accuracy_mean``), ``best_val_score``, ``best_step``, ``val`` (the last evaluation),
+    classifier ``auc_mean``, see ``make_task``), ``best_val_score``, ``best_step``, ``val`` (the last evaluation),
     ``stopped`` ("done" or "early_stop").
     """
     validate_config(config)
@@ -178,21 +178,33 @@ class Task(NamedTuple):
     eval_step: Callable  # (state, batch) -> device outputs, under pmap
     evaluate: Callable  # (p_eval_step, p_state, host batches) -> dict of figures
     score_name: str  # the figure of ``evaluate`` that selects the best model (higher is better)
+    # Used when ``score_name`` is NaN because it is undefined on this validation split (a classifier's
+    # ROC AUC when no class has both positive and negative images). Whether it is defined depends on
+    # the split's labels only, so one run never compares the two figures with each other.
+    fallback_name: str | None = None
 
     def score(self, val: Mapping[str, Any]) -> float:
         value = float(val[self.score_name])
+        if np.isnan(value) and self.fallback_name is not None:
+            value = float(val[self.fallback_name])
         if not np.isfinite(value):
             raise FloatingPointError(f"validation {self.score_name} is {value}: {val}")
         return value
 
 
 def make_task(config: ml_collections.ConfigDict, schedules: Mapping[str, optax.Schedule]) -> Task:
-    """Segmentation (unet/fpn: BCE + Dice, val Dice) or classifier (BCE, val accuracy / ROC AUC)."""
+    """Segmentation (unet/fpn: BCE + Dice, best by val Dice) or classifier (BCE, best by val ROC AUC).
+
+    The classifier is picked by the mean ROC AUC over the classes where it is defined, not by accuracy:
+    with rare classes the accuracy at 0.5 sits at the majority baseline for many evaluations and would
+    pin the best model to the first one. Accuracy stands in only where no class's AUC is defined.
+    """
     if config.model.arch == "classifier":
         from severjax import classify
 
-        return Task(functools.partial(classify.train_step, schedules=schedules), classify.eval_step,
-                    functools.partial(classify.evaluate, shard=shard_batch), "accuracy_mean")
+        return Task(functools.partial(classify.train_step, schedules=schedules,
+                                      bce_weight=float(config.loss.bce_weight)), classify.eval_step,
+                    functools.partial(classify.evaluate, shard=shard_batch), "auc_mean", "accuracy_mean")
     return Task(functools.partial(train_step, loss_config=dict(config.loss), schedules=schedules),
                 eval_step, evaluate, "dice_mean")
 
@@ -498,6 +510,13 @@ def validate_config(config: ml_collections.ConfigDict, *, device_count: int | No
                          f"[0, config.epochs={config.epochs}]")
     if config.data.std <= 0:
         raise ValueError(f"config.data.std={config.data.std}: must be positive")
+    if config.loss.bce_weight < 0 or config.loss.dice_weight < 0:
+        raise ValueError(f"config.loss: bce_weight={config.loss.bce_weight} and dice_weight="
+                         f"{config.loss.dice_weight} must be >= 0")
+    if config.model.arch == "classifier" and (config.loss.dice_weight != 0 or config.loss.bce_weight <= 0):
+        raise ValueError(f"config.loss.dice_weight={config.loss.dice_weight}, bce_weight={config.loss.bce_weight}: "
+                         "the classifier's loss is bce_weight * BCE over image labels (there is no mask to "
+                         "Dice); set dice_weight=0 and bce_weight > 0")
     if config.init_weights:
         ckpt_lib.resolve_model_dir(config.init_weights)  # raises naming the path
     if check_data:

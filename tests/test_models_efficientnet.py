@@ -179,44 +179,21 @@ def test_static_padding_is_that_of_the_nominal_size():
 
 
 def _check_parity(torch_reference, arch, encoder, in_channels, height, width, **kw):
-    torch.manual_seed(0)
-    cls = {"unet": smp.Unet, "fpn": smp.FPN}[arch]
-    tm = torch_reference.randomize_norms(cls(encoder, encoder_weights=None, in_channels=in_channels, classes=4, **kw).eval())
-    model = create_model(arch, encoder, in_channels=in_channels,
-                         **({"decoder_merge_policy": kw["decoder_merge_policy"]} if "decoder_merge_policy" in kw else {}))
-    variables = convert_smp_state_dict(torch_reference.state_dict(tm), model)
-    x = RNG.randn(1, height, width, in_channels).astype(np.float32)
-    with torch.no_grad():
-        ref = _nhwc(tm(_nchw(x)))
-    out = np.asarray(jax.jit(functools.partial(model.apply, train=False))(variables, x))
-    assert out.shape == (1, height, width, 4)
-    scale = max(1.0, float(np.abs(ref).max()))
-    assert np.abs(out - ref).max() <= 1e-4 * scale, (np.abs(out - ref).max(), scale)
-    return tm, model, variables
+    torch_reference.check_smp_parity(arch, encoder, in_channels, [(height, width)], **kw)
 
 
 @pytest.mark.parametrize("arch", ["unet", "fpn"])
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_parity_b0_256x416(torch_reference, arch, in_channels):
+    # FPN with SMP's default merge "add" here; tests/test_parity_matrix.py (slow) has every encoder,
+    # both sizes and merge "cat".
     _check_parity(torch_reference, arch, "efficientnet-b0", in_channels, 256, 416)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["unet", "fpn"])
-def test_parity_b0_256x1600(torch_reference, arch):
-    _check_parity(torch_reference, arch, "efficientnet-b0", 1, 256, 1600)
 
 
 @pytest.mark.slow
 def test_parity_unet_odd_size(torch_reference):
     # Unet accepts sizes that are not multiples of 32 (nearest upsampling to each skip's size).
     _check_parity(torch_reference, "unet", "efficientnet-b0", 1, 200, 300)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch,kw", [("fpn", {"decoder_merge_policy": "cat"}), ("unet", {})])
-def test_parity_b5_256x416(torch_reference, arch, kw):
-    _check_parity(torch_reference, arch, "efficientnet-b5", 1, 256, 416, **kw)
 
 
 class _TorchClassifier(torch.nn.Module):

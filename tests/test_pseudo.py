@@ -169,7 +169,7 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
         return train.train_and_evaluate(config, str(tmp_path / workdir))
 
     cls = small(_config("cls_b0_quick"), "cls")
-    assert cls["step"] == 4 and cls["score_name"] == "accuracy_mean"
+    assert cls["step"] == 4 and cls["score_name"] == "auc_mean"
     assert set(cls["val"]) >= {"accuracy", "auc", "auc_mean"}
     seg_config = _config("quickstart")
     seg = small(seg_config, "seg")

@@ -469,11 +469,18 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(finish
 # ---------------------------------------------------------------------------------- bad configs
 
 
-def _config():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import common
+def _config(name: str = "common"):
+    """configs/<name>.py's config; the data folder points nowhere (nothing here reads data)."""
+    import importlib.util
 
-    config = common.get_config()
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    finally:
+        sys.path.remove(os.path.join(ROOT, "configs"))
     config.data.dir = os.path.join(ROOT, "does-not-exist")
     return config
 
@@ -508,6 +515,25 @@ def test_bad_configs_fail_before_compiling_with_clear_messages(tmp_path):
     config.model.dtype = "float16"
     with pytest.raises(ValueError, match="config.model.dtype='float16'"):
         validate_config(config, device_count=1)
+    config.model.dtype = "float32"
+    config.model.arch = "classifier"  # keeps the segmentation loss weights 0.6 / 0.4: refused
+    with pytest.raises(ValueError, match=r"config.loss.dice_weight=0.4.*classifier's loss is bce_weight \* BCE"):
+        validate_config(config, device_count=1)
+    config.loss.dice_weight = 0.0
+    validate_config(config, device_count=1)
+
+
+def test_classifier_best_model_is_chosen_by_auc_and_accuracy_only_where_no_auc_is_defined():
+    from severjax import train
+
+    task = train.make_task(_config("cls_b0_quick"), schedules={})
+    assert task.score({"auc_mean": 0.75, "accuracy_mean": 0.9}) == 0.75
+    assert task.score({"auc_mean": float("nan"), "accuracy_mean": 0.9}) == 0.9
+    with pytest.raises(FloatingPointError, match="auc_mean"):
+        task.score({"auc_mean": float("nan"), "accuracy_mean": float("nan")})
+    seg = train.make_task(_config("quickstart"), schedules={})
+    with pytest.raises(FloatingPointError, match="dice_mean is nan"):
+        seg.score({"dice_mean": float("nan")})
 
 
 def test_cli_rejects_unknown_override_and_missing_data(tmp_path):

@@ -6,35 +6,27 @@ linear), hence the Flax name ``classification_head_3`` for the linear layer. Use
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from severjax.models.layers import xavier_uniform
-from severjax.models.registry import encoder_torch_ignored, get_encoder
+from severjax.models.registry import EncoderModel
 
 Dtype = Any
 
 
-class Classifier(nn.Module):
+class Classifier(EncoderModel):
     """``__call__(x NHWC, train) -> logits (B, classes)`` float32, one logit per defect class."""
 
-    encoder_name: str
-    classes: int = 4
-    in_channels: int = 1
     dropout: float = 0.2
     dtype: Dtype = jnp.float32
 
-    @property
-    def torch_ignored(self) -> Tuple[str, ...]:
-        return encoder_torch_ignored(self.encoder_name)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        encoder = get_encoder(self.encoder_name, in_channels=self.in_channels, dtype=self.dtype, name="encoder")
-        y = encoder(x, train)[-1]
+        y = self.encode(x, train)[-1]
         y = jnp.mean(y, axis=(1, 2), dtype=jnp.float32).astype(self.dtype)
         y = nn.Dropout(self.dropout)(y, deterministic=not train)
         y = nn.Dense(self.classes, dtype=self.dtype, kernel_init=xavier_uniform, name="classification_head_3")(y)

@@ -9,7 +9,7 @@ Interpolation exactly where SMP has it: nearest x2 in the top-down pathway (``FP
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, List
 
 import flax.linen as nn
 import jax
@@ -17,31 +17,24 @@ import jax.numpy as jnp
 
 from severjax.models.layers import (Conv2d, GroupNorm, channel_dropout, kaiming_uniform_relu,
                                     resize_bilinear_align_corners, upsample_nearest, xavier_uniform)
-from severjax.models.registry import encoder_torch_ignored, get_encoder
+from severjax.models.registry import EncoderModel
 
 Dtype = Any
 MERGE_POLICIES = ("add", "cat")
 
 
-class FPN(nn.Module):
+class FPN(EncoderModel):
     """Encoder + FPN decoder + 1x1 conv head + x4 bilinear upsampling; logits ``(B, H, W, classes)`` float32.
 
     Input height and width must be multiples of 32 (SMP raises the same).
     """
 
-    encoder_name: str
-    classes: int = 4
-    in_channels: int = 1
     dropout: float = 0.2
     decoder_merge_policy: str = "add"
     pyramid_channels: int = 256
     segmentation_channels: int = 128
     upsampling: int = 4
     dtype: Dtype = jnp.float32
-
-    @property
-    def torch_ignored(self) -> Tuple[str, ...]:
-        return encoder_torch_ignored(self.encoder_name)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -51,8 +44,7 @@ class FPN(nn.Module):
                              f"{-(-h // 32) * 32}x{-(-w // 32) * 32}")
         if self.decoder_merge_policy not in MERGE_POLICIES:
             raise ValueError(f"decoder_merge_policy must be one of {MERGE_POLICIES}, got {self.decoder_merge_policy!r}")
-        encoder = get_encoder(self.encoder_name, in_channels=self.in_channels, dtype=self.dtype, name="encoder")
-        features = encoder(x, train)
+        features = self.encode(x, train)
         y = FPNDecoder(self.pyramid_channels, self.segmentation_channels, self.dropout, self.decoder_merge_policy,
                        self.dtype, name="decoder")(features, train)
         y = Conv2d(self.classes, 1, dtype=self.dtype, kernel_init=xavier_uniform, name="segmentation_head_0")(y)

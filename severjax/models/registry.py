@@ -58,6 +58,28 @@ def create_model(arch: str, encoder: str, classes: int = 4, in_channels: int = 1
     return cls(encoder_name=encoder, classes=int(classes), in_channels=int(in_channels), **kw)
 
 
+class EncoderModel(nn.Module):
+    """What every model shares: the encoder named ``encoder_name`` (Flax name ``encoder``, as SMP's
+    ``encoder.`` prefix), ``classes`` outputs, ``in_channels`` inputs, and the torch keys it drops.
+
+    Subclasses declare their own fields after these, ``dtype`` among them, and call ``self.encode``
+    inside their ``nn.compact`` ``__call__``.
+    """
+
+    encoder_name: str
+    classes: int = 4
+    in_channels: int = 1
+
+    @property
+    def torch_ignored(self) -> Tuple[str, ...]:
+        return encoder_torch_ignored(self.encoder_name)
+
+    def encode(self, x: Any, train: bool) -> Any:
+        """The encoder's feature pyramid of ``x`` (NHWC)."""
+        encoder = get_encoder(self.encoder_name, in_channels=self.in_channels, dtype=self.dtype, name="encoder")
+        return encoder(x, train)
+
+
 def get_encoder(encoder: str, *, in_channels: int, dtype: Any = jnp.float32, **kw: Any) -> nn.Module:
     """Constructs the encoder module named ``encoder`` (SMP spelling); ``kw`` may carry the Flax ``name``."""
     return encoder_constructor(encoder)(in_channels=in_channels, dtype=dtype, **kw)

@@ -15,29 +15,21 @@ import jax
 import jax.numpy as jnp
 
 from severjax.models.layers import BatchNorm2d, Conv2d, channel_dropout, kaiming_uniform_relu, upsample_nearest, xavier_uniform
-from severjax.models.registry import encoder_torch_ignored, get_encoder
+from severjax.models.registry import EncoderModel
 
 Dtype = Any
 
 
-class Unet(nn.Module):
+class Unet(EncoderModel):
     """Encoder + Unet decoder + 3x3 conv head; ``__call__(x NHWC, train) -> logits (B, H, W, classes)`` float32."""
 
-    encoder_name: str
-    classes: int = 4
-    in_channels: int = 1
     dropout: float = 0.0
     decoder_channels: Sequence[int] = (256, 128, 64, 32, 16)
     dtype: Dtype = jnp.float32
 
-    @property
-    def torch_ignored(self) -> Tuple[str, ...]:
-        return encoder_torch_ignored(self.encoder_name)
-
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        encoder = get_encoder(self.encoder_name, in_channels=self.in_channels, dtype=self.dtype, name="encoder")
-        features = encoder(x, train)
+        features = self.encode(x, train)
         y = UnetDecoder(tuple(self.decoder_channels), self.dtype, name="decoder")(features, train)
         y = channel_dropout(self.dropout)(y, deterministic=not train)
         y = Conv2d(self.classes, 3, padding=1, dtype=self.dtype, kernel_init=xavier_uniform,
