@@ -76,5 +76,7 @@ def torch_reference():
                 assert out.shape == (1, height, width, 4)
                 cls.assert_close(out, ref, f"{arch}-{encoder} in_channels={in_channels} {kw or ''} logits at "
                                            f"{height}x{width}")
+            del apply
+            jax.clear_caches()  # the big encoders' executables add up over the matrix
 
     return Helpers
