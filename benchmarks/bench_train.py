@@ -25,6 +25,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None) -> dict[str, float]:
@@ -100,10 +101,10 @@ def _jax_step(config, image, mask):
 
 def _torch_step(config, image, mask):
     """A closure running one PyTorch training step of the SMP model (same loss and optimizer)."""
+    import harness
     import segmentation_models_pytorch as smp
-    import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    harness.torch_setup()
     kwargs = dict(encoder_name=config.model.encoder, encoder_weights=None, in_channels=config.model.in_channels,
                   classes=config.model.classes)
     if config.model.arch == "fpn":
@@ -111,28 +112,7 @@ def _torch_step(config, image, mask):
                         decoder_dropout=config.model.dropout, **kwargs)
     else:
         model = smp.Unet(**kwargs)
-    model.train()
-    encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
-    decoder = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    opt = torch.optim.RAdam(
-        [{"params": encoder, "lr": config.optim.encoder_lr, "weight_decay": config.optim.encoder_wd},
-         {"params": decoder, "lr": config.optim.decoder_lr, "weight_decay": config.optim.decoder_wd}],
-        betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps, decoupled_weight_decay=True)
-    x = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
-    y = torch.from_numpy(mask.transpose(0, 3, 1, 2).copy())
-    bce = torch.nn.BCEWithLogitsLoss()
-    eps = config.loss.dice_eps
-
-    def run():
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        probs = torch.sigmoid(logits)
-        dice = (2 * (probs * y).sum() + eps) / (probs.sum() + y.sum() + eps)
-        loss = config.loss.bce_weight * bce(logits, y) + config.loss.dice_weight * (1 - dice)
-        loss.backward()
-        opt.step()
-
-    return run
+    return harness.torch_train_step(model, config, image, mask)
 
 
 def _torch_threads() -> int:

@@ -128,6 +128,37 @@ def torch_setup(threads: int | None = None):
     return torch
 
 
+def torch_train_step(model, config, image: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
+    """One PyTorch training step of ``model`` (an SMP model, put in train mode): forward, ``config.loss``'s
+    BCE + soft Dice over the batch, backward, RAdam with decoupled weight decay in two groups (encoder /
+    decoder learning rates and decays of ``config.optim``): the reference for ``severjax.train.train_step``."""
+    import torch
+
+    model.train()
+    encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
+    decoder = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
+    opt = torch.optim.RAdam(
+        [{"params": encoder, "lr": config.optim.encoder_lr, "weight_decay": config.optim.encoder_wd},
+         {"params": decoder, "lr": config.optim.decoder_lr, "weight_decay": config.optim.decoder_wd}],
+        betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps, decoupled_weight_decay=True)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(np.ascontiguousarray(mask.transpose(0, 3, 1, 2)))
+    bce = torch.nn.BCEWithLogitsLoss()
+    loss_cfg = config.loss
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        probs = torch.sigmoid(logits)
+        dice = (2 * (probs * y).sum() + loss_cfg.dice_eps) / (probs.sum() + y.sum() + loss_cfg.dice_eps)
+        loss = loss_cfg.bce_weight * bce(logits, y) + loss_cfg.dice_weight * (1 - dice)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
 # ------------------------------------------------------------------------------------------- memory
 
 

@@ -199,30 +199,8 @@ def xla_peak_bytes(compiled) -> int:
 def torch_train_step(config, name: str, image: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
     """One PyTorch training step of the SMP model: forward, 0.6 BCE + 0.4 soft Dice, backward, RAdam with
     decoupled weight decay in two groups (encoder / decoder learning rates and decays of the config)."""
-    torch = harness.torch_setup()
-    model = bench_flops.smp_model(name, dropout=config.model.dropout).train()
-    encoder = [p for n, p in model.named_parameters() if n.startswith("encoder.")]
-    decoder = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
-    opt = torch.optim.RAdam(
-        [{"params": encoder, "lr": config.optim.encoder_lr, "weight_decay": config.optim.encoder_wd},
-         {"params": decoder, "lr": config.optim.decoder_lr, "weight_decay": config.optim.decoder_wd}],
-        betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps, decoupled_weight_decay=True)
-    x = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
-    y = torch.from_numpy(np.ascontiguousarray(mask.transpose(0, 3, 1, 2)))
-    bce = torch.nn.BCEWithLogitsLoss()
-    loss_cfg = config.loss
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        probs = torch.sigmoid(logits)
-        dice = (2 * (probs * y).sum() + loss_cfg.dice_eps) / (probs.sum() + y.sum() + loss_cfg.dice_eps)
-        loss = loss_cfg.bce_weight * bce(logits, y) + loss_cfg.dice_weight * (1 - dice)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+    harness.torch_setup()
+    return harness.torch_train_step(bench_flops.smp_model(name, dropout=config.model.dropout), config, image, mask)
 
 
 def torch_step_peak_rss(name: str, batch: int) -> int:
