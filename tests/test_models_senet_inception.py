@@ -127,7 +127,7 @@ def _assert_within_torch_noise(out, ref32, ref64, what):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["se_resnext50_32x4d", "inceptionv4"])
 def test_gradients_under_jit_match_torch(torch_reference, name):
-    # Eval-mode gradients w.r.t. the input and every kernel: the custom VJP of the CPU grouped conv, the
+    # Eval-mode gradients w.r.t. the input and every kernel: the CPU grouped conv's dense blocks, the
     # pools' differentiability under jit (reduce_window with a Python-scalar -inf init).
     tenc = _smp_encoder(torch_reference, name, 1)
     enc = get_encoder(name, in_channels=1)
@@ -155,7 +155,9 @@ def test_gradients_under_jit_match_torch(torch_reference, name):
 
 @pytest.mark.parametrize("shape,groups,stride,padding", [
     ((2, 13, 18, 32), 8, 1, 1), ((2, 13, 18, 32), 8, 2, 1), ((1, 9, 11, 16), 4, 2, 0),
-    ((1, 7, 9, 16), 4, 3, 2), ((2, 12, 17, 64), 4, 2, 1),  # 16 channels a group: native forward, custom VJP
+    ((1, 7, 9, 16), 4, 3, 2), ((2, 12, 17, 64), 4, 2, 1),  # 16 channels a group: two dense blocks of 2 groups
+    ((2, 9, 10, 128), 32, 1, 1), ((1, 9, 10, 128), 32, 2, 1),  # 4 channels a group: four blocks of 8 groups
+    ((1, 6, 7, 96), 3, 1, 1),  # 32 channels a group: one group a block
 ])
 def test_grouped_conv_cpu_path_matches_native(shape, groups, stride, padding):
     rng = np.random.RandomState(5)

@@ -164,13 +164,13 @@ def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], pad
     """Grouped convolution, NHWC input, HWIO kernel ``(kh, kw, in/groups, out)``.
 
     ``impl``: ``"native"`` (``lax.conv_general_dilated(feature_group_count=groups)``), ``"cpu"`` or ``"auto"``
-    (``"cpu"`` on the CPU backend, native elsewhere). XLA:CPU's grouped convolution is slow, and its kernel
-    gradient (a ``batch_group_count`` convolution) pathological: an SE-ResNeXt block's train step 10-30x
-    PyTorch's. The ``"cpu"`` path runs narrow groups (<= 8 channels in, SE-ResNeXt's layer1/layer2) as one
-    dense convolution with the block-diagonal kernel (32x the FLOPs, but a dense kernel and plain autodiff,
-    faster on XLA:CPU than every grouped formulation measured), and wider groups as a native convolution
-    with a custom gradient: the input gradient a grouped convolution of the cotangent, the kernel gradient one
-    ``(N, in/g) x (N, out/g)`` contraction per tap and group.
+    (``"cpu"`` on the CPU backend, native elsewhere). XLA:CPU's grouped convolution is slow (SE-ResNeXt's
+    3x3s 3-10x PyTorch's, their gradients worse). The ``"cpu"`` path splits the channels into blocks of
+    consecutive groups about ``_DENSE_BLOCK_WIDTH`` channels wide and runs each block as a dense convolution
+    with its block-diagonal kernel: dense convolutions of ~32 channels run near the CPU's peak, so the
+    wasted multiply-adds (8x for 4-channel groups, none for 32) cost less than every grouped formulation
+    measured (native, block-diagonal over all channels, shifted taps, im2col + batched dot), and autodiff
+    gives dense-convolution gradients.
     """
     stride = tuple(int(s) for s in stride)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -180,9 +180,14 @@ def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], pad
         return lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=_DN, feature_group_count=groups)
     if impl != "cpu":
         raise ValueError(f"grouped conv impl must be 'auto', 'native' or 'cpu', got {impl!r}")
-    if kernel.shape[2] <= _MAX_DENSE_GROUP_WIDTH:
-        return lax.conv_general_dilated(x, _block_diagonal(kernel, groups), stride, padding, dimension_numbers=_DN)
-    return _grouped_cpu(x, kernel, stride, padding, groups)
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    per_block = _groups_per_block(groups, cin)
+    outs = []
+    for g in range(0, groups, per_block):
+        xs = x[..., g * cin:(g + per_block) * cin]
+        ks = kernel[..., g * (cout // groups):(g + per_block) * (cout // groups)]
+        outs.append(lax.conv_general_dilated(xs, _block_diagonal(ks, per_block), stride, padding, dimension_numbers=_DN))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 
 
 ENCODERS: dict[str, Callable[..., SENetEncoder]] = {
@@ -195,58 +200,28 @@ ENCODERS: dict[str, Callable[..., SENetEncoder]] = {
 # helpers
 
 _DN = ("NHWC", "HWIO", "NHWC")
-_MAX_DENSE_GROUP_WIDTH = 8  # measured on XLA:CPU: block-diagonal dense wins up to 8 channels a group
+# Channels of one dense block of the CPU grouped conv. Measured on XLA:CPU (YNNPACK convolutions) over
+# SE-ResNeXt-50's seven grouped-conv shapes, forward and gradient, with blocks of 16 to 1024 channels:
+# 32 is the best or within 20% of it everywhere (whole-stage dense blocks: 3-10x slower in layer1/layer2).
+_DENSE_BLOCK_WIDTH = 32
+
+
+def _groups_per_block(groups: int, group_width: int) -> int:
+    """Groups a dense block holds: the most that fit in ``_DENSE_BLOCK_WIDTH`` channels and divide ``groups``."""
+    per = max(1, min(groups, _DENSE_BLOCK_WIDTH // group_width))
+    while groups % per:
+        per -= 1
+    return per
 
 
 def _block_diagonal(kernel: jax.Array, groups: int) -> jax.Array:
     """``(kh, kw, in/g, out)`` grouped kernel -> the equivalent dense ``(kh, kw, in, out)`` kernel."""
+    if groups == 1:
+        return kernel
     kh, kw, ci, co = kernel.shape
     k = kernel.reshape(kh, kw, ci, groups, co // groups)
     eye = jnp.eye(groups, dtype=kernel.dtype)
     return jnp.einsum("hwcgo,Gg->hwGcgo", k, eye).reshape(kh, kw, groups * ci, co)
-
-
-def _grouped_native(x, kernel, stride, padding, groups):
-    return lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=_DN, feature_group_count=groups)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _grouped_cpu(x, kernel, stride, padding, groups):
-    return _grouped_native(x, kernel, stride, padding, groups)
-
-
-def _grouped_cpu_fwd(x, kernel, stride, padding, groups):
-    return _grouped_native(x, kernel, stride, padding, groups), (x, kernel)
-
-
-def _grouped_cpu_bwd(stride, padding, groups, res, g):
-    x, kernel = res
-    kh, kw, ci, co = kernel.shape
-    cog = co // groups
-    # Input gradient: correlate the stride-dilated cotangent with the flipped, per-group transposed kernel.
-    k_t = kernel.reshape(kh, kw, ci, groups, cog)[::-1, ::-1].transpose(0, 1, 4, 3, 2).reshape(kh, kw, cog, groups * ci)
-    pads = []
-    for size, k, s, (lo, hi), o in zip(x.shape[1:3], (kh, kw), stride, padding, g.shape[1:3]):
-        unused = size + lo + hi - ((o - 1) * s + k)  # trailing input rows no window reached
-        pads.append((k - 1 - lo, k - 1 - hi + unused))
-    dx = lax.conv_general_dilated(g, k_t, (1, 1), tuple(pads), lhs_dilation=stride, dimension_numbers=_DN,
-                                  feature_group_count=groups).astype(x.dtype)
-    # Kernel gradient: per tap, sum over positions of x_tap[..., group, c] * g[..., group, o].
-    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    b, oh, ow, _ = g.shape
-    gg = g.reshape(b, oh, ow, groups, cog)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride[0] + 1, j + (ow - 1) * stride[1] + 1,
-                                               xp.shape[3]), (1, stride[0], stride[1], 1))
-            tap = tap.reshape(b, oh, ow, groups, ci)
-            taps.append(jnp.einsum("bhwgc,bhwgo->cgo", tap, gg, preferred_element_type=jnp.float32))
-    dk = jnp.stack(taps).reshape(kh, kw, ci, co).astype(kernel.dtype)
-    return dx, dk
-
-
-_grouped_cpu.defvjp(_grouped_cpu_fwd, _grouped_cpu_bwd)
 
 
 def _conv(features: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
