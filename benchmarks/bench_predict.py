@@ -5,9 +5,10 @@
 1. pipeline: images/s of the whole prediction (read JPEG -> 2-model ensemble, Unet + FPN on
    efficientnet-b0, flip-W TTA -> mean -> post-processing -> RLE) with severjax (predict_images), against the
    same pipeline in PyTorch (SMP models with the same weights) + numpy post-processing + rle_encode.
-2. post-processing + RLE: ms per image of the jit post-processing and host RLE, against the plain
-   numpy/scipy version (``reference_postprocess`` + ``rle_encode``), on smooth random probability maps,
-   for the default setting and with small-component removal. Target: >= 5x.
+2. post-processing + RLE: ms per image of the prediction path after the model (probabilities on the device:
+   jit ``postprocess_for_rle``, host ``finish_rles``), against the plain numpy/scipy version
+   (``reference_postprocess`` + ``rle_encode``), on smooth random probability maps, for the default setting
+   and with small-component removal. Target: >= 5x.
 3. --memory: peak RSS (ru_maxrss) of ``tools/predict.py`` over N and 10 N images (a few synthetic files
    linked many times) in fresh subprocesses; the two should agree within 10%.
 
@@ -63,8 +64,7 @@ def bench_postprocess(n_images: int, batch: int, repeats: int) -> dict:
     from scipy import ndimage
 
     from severjax.data.rle import rle_encode
-    from severjax.predict.postprocess import (PostprocessConfig, masks_to_rles, postprocess_for_rle,
-                                              reference_postprocess)
+    from severjax.predict.postprocess import PostprocessConfig, finish_rles, postprocess_for_rle, reference_postprocess
 
     rng = np.random.default_rng(0)
     # Smooth blobs; about a third of the (image, class) pairs reach the threshold: maps like a trained model's.
@@ -81,8 +81,7 @@ def bench_postprocess(n_images: int, batch: int, repeats: int) -> dict:
         def run_jax():
             rows = []
             for _ in range(batches):
-                masks, areas = postprocess_for_rle(device_probs, config)
-                rows += masks_to_rles(np.asarray(masks), np.asarray(areas))
+                rows += finish_rles(postprocess_for_rle(device_probs, config)).rles
             return rows
 
         def run_numpy():

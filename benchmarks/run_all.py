@@ -14,9 +14,10 @@ the same load; compile times apart):
   step for both (``harness.peak_rss``).
 * ``full image TTA``: one 256x1600 image, identity + horizontal flip, sigmoid, flip undone, views averaged
   (``severjax.predict.ensemble.tta_probabilities``) against the same in PyTorch.
-* ``postprocess+RLE``: per image, the jit post-processing (``postprocess_for_rle``) + host RLE
-  (``masks_to_rles``) against its numpy/scipy reference (``reference_postprocess``) + the Kaggle-kernel
-  ``mask2rle``; with and without small-component removal. Outputs are checked equal.
+* ``postprocess+RLE``: per image, what ``predict_images`` does after the model, from probabilities already on
+  the device: the jit half (``postprocess_for_rle``) + the host half (``finish_rles``: components, min areas,
+  RLE text) against its numpy/scipy reference (``reference_postprocess``) + the Kaggle-kernel ``mask2rle``;
+  with and without small-component removal. Outputs are checked equal.
 * ``rle``: encode/decode of a 256x1600 mask (blobs) against the Kaggle-kernel numpy functions.
 * ``pipeline``: training-batch images/s per grain worker (0 = in-process) against the original's per-image
   work in one process (JPEG + RLE + augmentation), from ``bench_pipeline``.
@@ -278,11 +279,12 @@ def tta_rows(name: str, repeats: int, peak: bench_flops.PeakEstimate) -> list[Re
 
 
 def postprocess_rows(repeats: int, images: int = 8) -> list[Result]:
-    """Per-image post-processing + RLE of probability maps: jit + host RLE against numpy/scipy + mask2rle."""
+    """Per-image post-processing + RLE of probability maps on the device (as the model leaves them): jit + host
+    finish (the prediction path, ``severjax.predict.ensemble._host_results``) against numpy/scipy + mask2rle."""
     import jax
 
     from bench_rle import reference_encode
-    from severjax.predict.postprocess import PostprocessConfig, masks_to_rles, postprocess_for_rle, reference_postprocess
+    from severjax.predict.postprocess import PostprocessConfig, finish_rles, postprocess_for_rle, reference_postprocess
 
     probs = synthetic_probabilities(images)
     probs_device = jax.device_put(probs)
@@ -290,8 +292,7 @@ def postprocess_rows(repeats: int, images: int = 8) -> list[Result]:
     for label, config in (("min area", PostprocessConfig()),
                           ("min area + components<150", PostprocessConfig(min_component=150))):
         def ours():
-            masks, areas = postprocess_for_rle(probs_device, config)
-            return masks_to_rles(np.asarray(masks), np.asarray(areas))
+            return finish_rles(postprocess_for_rle(probs_device, config)).rles
 
         def reference():
             masks = reference_postprocess(probs, config)

@@ -153,7 +153,7 @@ def test_train_steps_after_the_first_compile_nothing():
 
 def test_prediction_batches_after_the_first_compile_nothing():
     from severjax.predict.ensemble import Ensemble, Member
-    from severjax.predict.postprocess import PostprocessConfig, masks_to_rles
+    from severjax.predict.postprocess import PostprocessConfig, finish_rles
 
     module = TinySegmenter()
     variables = jax.device_put(module.init(jax.random.key(0), jnp.zeros((1, *CROP, 1)), train=False))
@@ -165,8 +165,8 @@ def test_prediction_batches_after_the_first_compile_nothing():
 
     def batch():
         images = rng.integers(0, 256, size=(BATCH, *CROP, 1), dtype=np.uint8)
-        masks, areas, _ = ensemble(images)
-        return masks_to_rles(np.asarray(masks), np.asarray(areas))
+        runs, _ = ensemble(images)
+        return finish_rles(runs).rles
 
     def probabilities():  # the --save_probs path: averaged probabilities, then the same post-processing
         probs, _ = ensemble.probabilities(rng.integers(0, 256, size=(BATCH, *CROP, 1), dtype=np.uint8))

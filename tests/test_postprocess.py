@@ -6,9 +6,9 @@ import pytest
 from scipy import ndimage
 
 from severjax.data.rle import rle_encode
-from severjax.predict.postprocess import (PostprocessConfig, component_sizes, gated_min_area, label_components,
-                                          masks_to_rles, postprocess, postprocess_for_rle, reference_postprocess,
-                                          remove_small_components)
+from severjax.predict.postprocess import (PostprocessConfig, component_sizes, finish_rles, gated_min_area,
+                                          label_components, masks_to_rles, postprocess, postprocess_for_rle,
+                                          reference_postprocess, remove_small_components)
 
 
 def smooth_probs(seed, shape=(3, 40, 64, 4), sigma=2.5):
@@ -108,18 +108,73 @@ def test_long_snake_component():
     assert (sizes[planes] == planes.sum()).all()
 
 
-def test_rle_layout_matches_rle_encode():
+def rles_of(masks):
+    return [[rle_encode(m[:, :, c]) for c in range(m.shape[-1])] for m in masks]
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["host-components", "device-components"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_submission_path_matches_reference(name, on_host):
+    """postprocess_for_rle + finish_rles: the reference's masks, their areas and their RLE."""
+    config = CONFIGS[name]
+    for seed in range(2):
+        probs = smooth_probs(seed)
+        want = reference_postprocess(probs, config)
+        runs = postprocess_for_rle(jnp.asarray(probs), config, components_on_host=on_host)
+        assert runs.min_component == (config.min_component if on_host and config.dilate <= 1 else 0)
+        rles, areas, masks = finish_rles(runs, keep_masks=True)
+        np.testing.assert_array_equal(masks, want)
+        np.testing.assert_array_equal(areas, want.sum(axis=(1, 2)))
+        assert rles == rles_of(want)
+        assert finish_rles(runs).masks is None
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_submission_path_gating(on_host):
+    probs = smooth_probs(7, shape=(4, 40, 64, 4))
+    class_probs = np.random.default_rng(3).random((4, 4)).astype(np.float32)
+    config = PostprocessConfig(min_area=(100, 150, 200, 250), c_factor=3.5, min_component=5)
+    want = reference_postprocess(probs, config, class_probs)
+    rles, areas, _ = finish_rles(postprocess_for_rle(probs, config, class_probs, components_on_host=on_host))
+    assert rles == rles_of(want) and any(r for row in rles for r in row) and any(not r for row in rles for r in row)
+    np.testing.assert_array_equal(areas, want.sum(axis=(1, 2)))
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_host_components_corners_and_snakes(connectivity):
+    """Runs join across columns by overlap (4) or overlap and corners (8); a serpentine is one component."""
+    plane = np.zeros((33, 64), bool)
+    plane[::2, :] = True
+    for r in range(1, 33, 2):
+        plane[r, 63 if (r // 2) % 2 == 0 else 0] = True
+    corners = np.zeros((33, 64), bool)
+    corners[np.arange(10), np.arange(10)] = True  # a diagonal: 10 pixels (8) or 10 singles (4)
+    corners[20:23, 20] = corners[23:26, 21] = True  # vertical runs meeting at a corner only
+    corners[0, 63] = corners[32, 0] = True  # single pixels at the plane's corners
+    probs = np.zeros((2, 33, 64, 4), np.float32)
+    probs[0, ..., 1] = 0.9 * plane
+    probs[1, ..., 2] = 0.9 * corners
+    probs[1, 30:, 40:, 3] = 0.8  # a second class beside, untouched
+    for size in (2, 4, 7, int(plane.sum()), int(plane.sum()) + 1):
+        config = PostprocessConfig(min_area=(0, 0, 0, 0), min_component=size, connectivity=connectivity)
+        want = reference_postprocess(probs, config)
+        rles, areas, masks = finish_rles(postprocess_for_rle(probs, config, components_on_host=True), True)
+        np.testing.assert_array_equal(masks, want)
+        assert rles == rles_of(want)
+
+
+def test_submission_path_full_size_and_empty_batches():
     probs = smooth_probs(11, shape=(2, 256, 1600, 4), sigma=20)
     probs[..., 1] *= 0.4  # class 2 never passes: empty masks too
     config = PostprocessConfig()
     masks = np.asarray(postprocess(probs, config))
-    masks_out, areas = postprocess_for_rle(probs, config)
-    np.testing.assert_array_equal(np.asarray(areas), masks.sum(axis=(1, 2)))
-    np.testing.assert_array_equal(np.asarray(masks_out), masks)
-    rles = masks_to_rles(np.asarray(masks_out), np.asarray(areas))
+    rles, areas, _ = finish_rles(postprocess_for_rle(probs, config))
+    np.testing.assert_array_equal(areas, masks.sum(axis=(1, 2)))
     assert any(r for row in rles for r in row) and any(not r for row in rles for r in row)
-    for b in range(2):
-        assert rles[b] == [rle_encode(masks[b, :, :, c]) for c in range(4)]
+    assert rles == rles_of(masks) == masks_to_rles(masks, areas)
+    for batch in (np.zeros((0, 8, 6, 4), np.float32), np.zeros((3, 8, 6, 4), np.float32)):
+        rles, areas, masks = finish_rles(postprocess_for_rle(batch, PostprocessConfig(min_component=3)), True)
+        assert rles == [[""] * 4] * len(batch) and areas.shape == (len(batch), 4) and not masks.any()
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from severjax.data.rle import rle_decode, rle_encode
+from severjax.data.rle import format_runs, rle_decode, rle_encode
 
 
 def test_known_example():
@@ -51,3 +51,23 @@ def test_adjacent_runs_and_other_shape():
 def test_malformed_raises(rle, message):
     with pytest.raises(ValueError, match=message):
         rle_decode(rle)
+
+
+@pytest.mark.parametrize("high", [10, 1000, 409_601, 10**7, 10**12])
+def test_format_runs_matches_str(high):
+    rng = np.random.default_rng(high % 97)
+    values = rng.integers(0, high, 600)
+    values[:3] = [0, high - 1, 10 ** (len(str(high)) - 1)]
+    counts = [0, 3, 0, 300, 297, 0]
+    bounds = np.cumsum([0] + counts)
+    assert format_runs(values, counts) == [" ".join(map(str, values[a:b].tolist()))
+                                           for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def test_format_runs_edges():
+    assert format_runs(np.zeros(0, np.int64), [0, 0]) == ["", ""]
+    assert format_runs(np.array([7], np.uint8), [1]) == ["7"]
+    with pytest.raises(ValueError, match="add up"):
+        format_runs(np.arange(4), [3])
+    with pytest.raises(ValueError, match="non-negative"):
+        format_runs(np.array([1, -2]), [2])

@@ -35,7 +35,7 @@ import numpy as np
 
 from severjax.checkpoint import load_model
 from severjax.data.kaggle import KAGGLE_SHAPE, load_image
-from severjax.predict.postprocess import PostprocessConfig, masks_to_rles, postprocess_for_rle
+from severjax.predict.postprocess import PostprocessConfig, finish_rles, postprocess_for_rle
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,13 @@ def load_members(paths: Sequence[str], classifier: bool = False) -> list[Member]
 
 
 class Ensemble:
-    """Callable over uint8 image batches ``(B, H, W, 1)``: returns post-processed masks, areas, class probs.
+    """Callable over uint8 image batches ``(B, H, W, 1)``: returns the device half of post-processing and
+    the class probabilities.
 
     ``probabilities(images)`` gives the averaged segmentation probabilities ``(B, H, W, C)`` and the classifier
     probabilities ``(B, C)`` (or None) before post-processing; ``__call__`` adds post-processing and returns
-    ``(masks bool (B, H, W, C), areas int32 (B, C), class_probs or None)`` on the device (see
-    ``postprocess_for_rle``).
+    ``(RunLabels, class_probs or None)`` on the device; ``finish_rles`` turns the first into RLE strings, areas
+    and (on request) masks on the host (see ``postprocess_for_rle``).
     """
 
     def __init__(self, members: Sequence[Member], *, tta: str = "w", average: str = "mean",
@@ -197,8 +198,7 @@ def _finish(acc, class_probs, *, average: str):
 
 @functools.partial(jax.jit, static_argnames=("average", "config"))
 def _finish_and_postprocess(acc, class_probs, *, average: str, config: PostprocessConfig):
-    masks, areas = postprocess_for_rle(_finish_values(acc, average), config, class_probs)
-    return masks, areas, class_probs
+    return postprocess_for_rle(_finish_values(acc, average), config, class_probs), class_probs
 
 
 def _check_images(images):
@@ -297,8 +297,8 @@ def predict_images(ensemble: Ensemble, paths: Sequence[str], batch_size: int, *,
     for batch in stream_batches(paths, batch_size, skip_bad=skip_bad, prefetch=prefetch):
         if keep_probs:
             probs, class_probs = ensemble.probabilities(batch.images)
-            masks, areas = postprocess_for_rle(probs, ensemble.postprocess_config, class_probs)
-            outputs = (masks, areas, class_probs, quantize_probs(probs))
+            outputs = (postprocess_for_rle(probs, ensemble.postprocess_config, class_probs), class_probs,
+                       quantize_probs(probs))
         else:
             outputs = (*ensemble(batch.images), None)
         if pending is not None:
@@ -315,16 +315,15 @@ def quantize_probs(probs):
 
 
 def _host_results(batch: Batch, outputs, keep_masks: bool) -> Iterator[ImageResult]:
-    masks, areas, class_probs, probs = outputs
+    runs, class_probs, probs = outputs
     n = sum(error is None for _, error in batch.entries)
-    masks, areas = np.asarray(masks[:n]), np.asarray(areas[:n])
+    rles, areas, masks = finish_rles(jax.tree.map(lambda x: x[:n], runs), keep_masks)
     class_probs = None if class_probs is None else np.asarray(class_probs[:n])
     probs = None if probs is None else np.asarray(probs[:n])
-    rles = masks_to_rles(masks, areas)
     slot = 0
     for image_id, error in batch.entries:
         if error is not None:
-            yield ImageResult(image_id, [""] * masks.shape[-1], None, None, error)
+            yield ImageResult(image_id, [""] * areas.shape[-1], None, None, error)
             continue
         yield ImageResult(image_id, rles[slot], areas[slot], None if class_probs is None else class_probs[slot], None,
                           masks[slot] if keep_masks else None,
