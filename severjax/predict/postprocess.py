@@ -425,20 +425,19 @@ def _vertical_runs(columns: np.ndarray, planes: int, w: int, c: int):
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     if flat.size and flat[0]:
         change = np.concatenate([[0], change])
-    new, old = flat[change], flat[change - 1]  # change 0 reads the last entry: a closing 0
-
-    def events(at, label):
-        column, row = np.divmod(at, rows)
-        plane, col = np.divmod(column, w)
-        return (plane // planes) * c + label.astype(np.int64) - 1, col, row
-
-    start_key, col, top = events(change[new != 0], new[new != 0])
-    end_key, _, bottom = events(change[old != 0], old[old != 0])
-    # The i-th start of a key pairs with its i-th end: a stable sort by key groups both alike.
-    sort_dtype = np.uint16 if start_key.size == 0 or start_key.max() < 2**16 else np.int64  # radix sort
-    by_start = np.argsort(start_key.astype(sort_dtype), kind="stable")
-    by_end = np.argsort(end_key.astype(sort_dtype), kind="stable")
-    return start_key[by_start], col[by_start], top[by_start], bottom[by_end]
+    if flat.size < 2**31:
+        change = change.astype(np.int32)  # cheaper divisions and sorts below
+    # Each change ends a run of the label before it and starts one of the label after it (label 0: none).
+    # A stable sort by key (background last) lines up every key's events in pixel order: start, end, ...
+    label = np.stack([flat[change - 1], flat[change]], axis=1).reshape(-1)  # change 0 reads a closing 0
+    at = np.repeat(change, 2)
+    image = at // (rows * w * planes)
+    key = np.where(label > 0, image * c + label.astype(image.dtype) - 1, len(columns) // (w * planes) * c)
+    order = np.argsort(key.astype(np.uint16) if key.max(initial=0) < 2**16 else key, kind="stable")
+    order = order[:np.count_nonzero(label)]
+    key, at = key[order[0::2]], at[order]
+    column, top = np.divmod(at[0::2], rows)
+    return key, column % w, top, at[1::2] - column * rows
 
 
 def _run_component_sizes(key, col, top, bottom, w: int, h: int, connectivity: int) -> np.ndarray:
@@ -446,10 +445,10 @@ def _run_component_sizes(key, col, top, bottom, w: int, h: int, connectivity: in
 
     Two runs of a key touch when they lie in neighbouring columns and their rows overlap (8-connectivity:
     or meet at a corner). In the sort order the runs of the next column that touch run i form one
-    contiguous range, found by two binary searches; the components of that graph come from scipy's
+    contiguous range, found by two sorted searches; the components of that graph come from scipy's
     ``connected_components`` (union-find over ~runs nodes, not pixels).
     """
-    from scipy.sparse import coo_array
+    from scipy.sparse import csr_array
     from scipy.sparse.csgraph import connected_components
 
     n = key.size
@@ -457,18 +456,28 @@ def _run_component_sizes(key, col, top, bottom, w: int, h: int, connectivity: in
         return np.zeros(0, np.int64)
     corner = 1 if connectivity == 8 else 0
     span = h + 2  # rows -1 .. h + 1 of a column stay inside its span; w + 1 column slots a key
-    column = key * (w + 1) + col
+    dtype = np.int32 if (int(key.max()) + 2) * (w + 1) * span < 2**31 else np.int64
+    column = key.astype(dtype) * (w + 1) + col
     first, past = column * span + top, column * span + bottom
     nxt = (column + 1) * span
-    lo = np.searchsorted(past, nxt + top - corner, side="right")  # next column's runs ending below our top
-    hi = np.searchsorted(first, nxt + bottom + corner, side="left")  # ... and starting above our bottom
+    lo = _merge_search(past, nxt + top - corner, "right")  # the next column's runs ending below our top
+    hi = _merge_search(first, nxt + bottom + corner, "left")  # ... and starting above our bottom
     count = np.maximum(hi - lo, 0)
-    i = np.repeat(np.arange(n), count)
-    j = lo[i] + np.arange(i.size) - np.repeat(np.cumsum(count) - count, count)
-    graph = coo_array((np.ones(i.size, np.int8), (i, j)), shape=(n, n))
+    ends = np.cumsum(count)
+    neighbours = np.repeat(lo - (ends - count), count) + np.arange(ends[-1])  # lo[i] .. hi[i] - 1, run by run
+    graph = csr_array((np.ones(neighbours.size, np.int8), neighbours, np.concatenate([[0], ends])), shape=(n, n))
     _, component = connected_components(graph, directed=False)
     sizes = np.bincount(component, weights=bottom - top)
     return sizes[component]
+
+
+def _merge_search(a: np.ndarray, queries: np.ndarray, side: str) -> np.ndarray:
+    """``np.searchsorted(a, queries, side)`` for sorted ``queries``: a stable sort of both sorted arrays is a
+    linear merge (timsort finds the two runs), ~3x faster than a binary search a query."""
+    both = np.concatenate([a, queries] if side == "right" else [queries, a])  # ties: the first array first
+    order = np.argsort(both, kind="stable")
+    at = np.flatnonzero(order >= a.size) if side == "right" else np.flatnonzero(order < queries.size)
+    return at - np.arange(queries.size)
 
 
 def _rle_texts(key, start, end, groups: int) -> list[str]:
