@@ -175,6 +175,23 @@ def test_grouped_conv_cpu_path_matches_native(shape, groups, stride, padding):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 11, 3), (1, 8, 8, 2), (1, 12, 17, 2)])
+def test_max_pool_ceil_gradient_matches_torch(torch_reference, shape):
+    # The gradient goes to the first maximum of each window, ties included (post-ReLU zeros, equal values).
+    from severjax.models.senet import max_pool_ceil
+
+    x = np.maximum(np.random.RandomState(6).randn(*shape), 0).astype(np.float32)
+    x[0, :3, :4, 0] = 1.0
+    xt = torch_reference.nchw(x).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, 3, 2, ceil_mode=True)
+    gy = np.random.RandomState(7).randn(*yt.shape).astype(np.float32)
+    yt.backward(torch.from_numpy(gy))
+    y, vjp = jax.vjp(lambda x: max_pool_ceil(x, 3, 2), jnp.asarray(x))
+    (dx,) = jax.jit(vjp)(jnp.asarray(torch_reference.nhwc(torch.from_numpy(gy))))
+    np.testing.assert_array_equal(np.asarray(y), torch_reference.nhwc(yt.detach()))
+    np.testing.assert_allclose(np.asarray(dx), torch_reference.nhwc(xt.grad), rtol=1e-6, atol=1e-6)
+
+
 def _bf16_check(module, x, **kw):
     variables = jax.jit(functools.partial(module.init, **kw))(jax.random.PRNGKey(0), x)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float32)}
