@@ -89,13 +89,18 @@ def test_component_sizes_match_scipy_label():
                 assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == ref.max()
 
 
-def test_component_removal_strategies_agree():
-    """Plane by plane (CPU default) and all planes at once (accelerator default) give the same masks."""
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_component_removal_methods_agree(connectivity):
+    """Host runs (CPU default), plane by plane and all planes at once (accelerator default): same masks."""
     masks = jnp.asarray(smooth_probs(5, shape=(2, 30, 44, 4), sigma=1.5) > 0.6)
     masks = masks.at[1, :, :, 2].set(False)  # an empty plane: skipped by the per-plane path
-    one = np.asarray(remove_small_components(masks, 9, 8, per_plane=True))
-    np.testing.assert_array_equal(one, np.asarray(remove_small_components(masks, 9, 8, per_plane=False)))
-    assert 0 < one.sum() < np.asarray(masks).sum()
+    masks = masks.at[0, :, :, 3].set(True)  # a full one
+    got = {m: np.asarray(remove_small_components(masks, 9, connectivity, m)) for m in ("host", "per_plane", "all")}
+    np.testing.assert_array_equal(got["host"], got["per_plane"])
+    np.testing.assert_array_equal(got["host"], got["all"])
+    assert 0 < got["host"].sum() < np.asarray(masks).sum()
+    with pytest.raises(ValueError, match="unknown component method"):
+        remove_small_components(masks, 9, connectivity, "cv2")
 
 
 def test_long_snake_component():

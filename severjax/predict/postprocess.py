@@ -108,7 +108,7 @@ class RunLabels:
     """The device half of the submission post-processing (``postprocess_for_rle``), for ``finish_rles``.
 
     labels: uint8 ``(B, P, H + 1, W)``. With one class per pixel ``P = 1``: 0 background, ``k + 1`` class k;
-        otherwise ``P = C`` planes, plane k holding 0 or ``k + 1``. The last row is 0: read column by column
+        otherwise ``P = C`` planes of 0/1, plane k for class k. The last row is 0: read column by column
         (the RLE order) it closes every column, so a run of the plane never wraps into the next column.
     minimum: float32 ``(B, C)``: the minimum areas still to apply (0 where the device already did).
     min_component, connectivity: the small-component removal still to do on the host (0: none).
@@ -204,19 +204,18 @@ def _postprocess_for_rle(probs, class_probs, *, config: PostprocessConfig, compo
     if config.dilate > 1 or (config.min_component > 1 and not host_components):
         masks, _ = _pipeline(probs, class_probs, config)
         minimum = jnp.zeros((probs.shape[0], config.num_classes), jnp.float32)
-        ids = jnp.arange(1, config.num_classes + 1, dtype=jnp.uint8)
         if config.one_class_per_pixel:  # at most one class a pixel, dilation included
+            ids = jnp.arange(1, config.num_classes + 1, dtype=jnp.uint8)
             labels = jnp.sum(jnp.where(masks, ids, jnp.uint8(0)), axis=-1, dtype=jnp.uint8)[:, None]
         else:
-            labels = jnp.transpose(jnp.where(masks, ids, jnp.uint8(0)), (0, 3, 1, 2))
+            labels = jnp.transpose(masks, (0, 3, 1, 2)).astype(jnp.uint8)
     else:
         minimum = _minimum_area(config, class_probs, probs.shape[0])
         if config.one_class_per_pixel:
             labels = _most_probable_class(probs, config.thresholds)[:, None]
         else:
-            ids = jnp.arange(1, config.num_classes + 1, dtype=jnp.uint8)
-            labels = jnp.transpose(jnp.where(probs > jnp.asarray(config.thresholds, jnp.float32), ids,
-                                             jnp.uint8(0)), (0, 3, 1, 2))
+            masks = probs > jnp.asarray(config.thresholds, jnp.float32)
+            labels = jnp.transpose(masks, (0, 3, 1, 2)).astype(jnp.uint8)
     labels = jnp.pad(labels, ((0, 0), (0, 0), (0, 1), (0, 0)))
     return RunLabels(labels, minimum, config.min_component if host_components else 0, config.connectivity)
 
@@ -282,18 +281,29 @@ def _dilate(masks, probs, size: int):
     return masks | _keep_most_probable(grown & free, probs)
 
 
-def remove_small_components(masks, min_size: int, connectivity: int, per_plane: bool | None = None):
+COMPONENT_METHODS = ("host", "per_plane", "all")
+
+
+def remove_small_components(masks, min_size: int, connectivity: int, method: str | None = None):
     """Drops connected components (per image and class) of bool ``(B, H, W, C)`` smaller than ``min_size`` pixels.
 
-    ``per_plane=False`` labels every (image, class) plane at once (the default on accelerators);
-    ``True`` goes plane by plane (``lax.map``), skipping empty planes - most of them - with ``lax.cond``
-    (the default on CPU, where it measured ~3x faster). Both give the same masks.
+    ``method``: ``"all"`` labels every (image, class) plane at once on the device (the default on
+    accelerators); ``"per_plane"`` goes plane by plane (``lax.map``), skipping empty planes with ``lax.cond``;
+    ``"host"`` (the default on CPU) hands the planes to a host callback that labels runs of pixels down the
+    columns (``_host_small_runs``: ~10x faster than XLA's pixel labelling on CPU) and clears the small
+    components' pixels. All give the same masks.
     """
+    if method is None:
+        method = "host" if jax.default_backend() == "cpu" else "all"
+    if method not in COMPONENT_METHODS:
+        raise ValueError(f"unknown component method {method!r}: use one of {COMPONENT_METHODS}")
     b, h, w, c = masks.shape
     planes = jnp.transpose(masks, (0, 3, 1, 2))  # (B, C, H, W): one labelling problem per plane
-    if per_plane is None:
-        per_plane = jax.default_backend() == "cpu"
-    if per_plane:
+    if method == "host":
+        keep = jax.pure_callback(functools.partial(_host_remove_small_components, min_size=min_size,
+                                                   connectivity=connectivity),
+                                 jax.ShapeDtypeStruct(planes.shape, jnp.bool_), planes)
+    elif method == "per_plane":
         def one(plane):
             return jax.lax.cond(jnp.any(plane),
                                 lambda p: p & (component_sizes(p[None], connectivity)[0] >= min_size),
@@ -417,9 +427,28 @@ def _columns(labels: np.ndarray) -> np.ndarray:
     return out.reshape(b * planes * w, rows)
 
 
+def _host_remove_small_components(planes: np.ndarray, *, min_size: int, connectivity: int) -> np.ndarray:
+    """``remove_small_components`` of bool planes ``(B, C, H, W)`` on the host: runs, their components,
+    then the small ones' pixels cleared in a copy (few pixels: the big components stay as they are)."""
+    planes = np.asarray(planes)
+    b, c, h, w = planes.shape
+    padded = np.zeros((b, c, h + 1, w), np.uint8)
+    padded[:, :, :h] = planes
+    key, col, top, bottom = _vertical_runs(_columns(padded), c, w, c)
+    small = _run_component_sizes(key, col, top, bottom, w, h, connectivity) < min_size
+    out = planes.copy()
+    key, col, top, bottom = key[small], col[small], top[small], bottom[small]
+    length = bottom - top
+    run = np.repeat(np.arange(key.size), length)
+    row = top[run] + np.arange(run.size) - np.repeat(np.cumsum(length) - length, length)
+    out.reshape(b * c, h, w)[key[run], row, col[run]] = False
+    return out
+
+
 def _vertical_runs(columns: np.ndarray, planes: int, w: int, c: int):
     """Runs of one label down each column: ``(key, col, top, bottom)`` int arrays sorted by key (image * C
-    + class), then column, then row; rows ``top`` (first) to ``bottom`` (exclusive)."""
+    + class), then column, then row; rows ``top`` (first) to ``bottom`` (exclusive). ``columns`` come from
+    ``_columns`` of ``RunLabels.labels``: one plane of class ids an image, or C planes of 0/1."""
     rows = columns.shape[1]
     flat = columns.reshape(-1)
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
@@ -431,8 +460,9 @@ def _vertical_runs(columns: np.ndarray, planes: int, w: int, c: int):
     # A stable sort by key (background last) lines up every key's events in pixel order: start, end, ...
     label = np.stack([flat[change - 1], flat[change]], axis=1).reshape(-1)  # change 0 reads a closing 0
     at = np.repeat(change, 2)
-    image = at // (rows * w * planes)
-    key = np.where(label > 0, image * c + label.astype(image.dtype) - 1, len(columns) // (w * planes) * c)
+    plane = at // (rows * w)
+    key = plane * c + label.astype(plane.dtype) - 1 if planes == 1 else plane  # P = C planes are 0/1
+    key = np.where(label > 0, key, len(columns) // (w * planes) * c)
     order = np.argsort(key.astype(np.uint16) if key.max(initial=0) < 2**16 else key, kind="stable")
     order = order[:np.count_nonzero(label)]
     key, at = key[order[0::2]], at[order]
