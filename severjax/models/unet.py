@@ -7,12 +7,12 @@ output, before the segmentation head (default 0: SMP's plain Unet). Flax names m
 
 from __future__ import annotations
 
-import functools
 from typing import Any, List, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from severjax.models.layers import BatchNorm2d, Conv2d, channel_dropout, kaiming_uniform_relu, upsample_nearest, xavier_uniform
 from severjax.models.registry import EncoderModel
@@ -65,12 +65,83 @@ class UnetDecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, size: Sequence[int], skip, train: bool) -> jax.Array:
-        x = upsample_nearest(x, size=tuple(size))
+        x = UpsampleConcatConv(self.features, self.dtype, name="conv1_0")(x, size, skip, train)
+        x = nn.relu(BatchNorm2d(dtype=self.dtype, name="conv1_1")(x, train))
+        x = Conv2d(self.features, 3, padding=1, use_bias=False, dtype=self.dtype, kernel_init=kaiming_uniform_relu,
+                   name="conv2_0")(x)
+        return nn.relu(BatchNorm2d(dtype=self.dtype, name="conv2_1")(x, train))
+
+
+class UpsampleConcatConv(nn.Module):
+    """``Conv2d(features, 3, padding=1, bias=False)`` of ``concat([upsample_nearest(x, size), skip])``.
+
+    Parameter ``kernel`` ``(3, 3, x channels + skip channels, features)``, as :class:`Conv2d`'s. ``impl``:
+    ``"plain"`` (upsample, concatenate, convolve), ``"subpixel"`` or ``"auto"``: subpixel on CPU when ``size``
+    is exactly twice ``x``'s, except in training for inputs of more than ``_SUBPIXEL_MAX_TRAIN_CHANNELS``
+    channels, plain otherwise. Subpixel convolves the upsampled part on the small map: the 3x3 kernel over a
+    2x nearest upsample reads, for each of the four output phases, a 2x2 window of ``x`` with row/column-summed
+    weights, so four 2x2 convolutions of ``x`` (4 taps a pixel, not 9) interleaved, plus the skip's own 3x3
+    convolution; no upsampled or concatenated map is built (Unet-sx50: ~12% fewer forward FLOPs).
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: Sequence[int], skip, train: bool = False) -> jax.Array:
+        cin = x.shape[-1] + (0 if skip is None else skip.shape[-1])
+        kernel = self.param("kernel", kaiming_uniform_relu, (3, 3, cin, self.features)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        skip = None if skip is None else skip.astype(self.dtype)
+        size = tuple(int(s) for s in size)
+        impl = self.impl
+        if impl == "auto":
+            doubles = size == (2 * x.shape[1], 2 * x.shape[2])
+            wide = train and x.shape[-1] > _SUBPIXEL_MAX_TRAIN_CHANNELS
+            impl = "subpixel" if doubles and not wide and jax.default_backend() == "cpu" else "plain"
+        if impl == "plain":
+            x = upsample_nearest(x, size=size)
+            if skip is not None:
+                x = jnp.concatenate([x, skip], axis=-1)
+            return _conv3x3(x, kernel)
+        if impl != "subpixel":
+            raise ValueError(f"{self.name}: impl must be 'auto', 'plain' or 'subpixel', got {impl!r}")
+        if size != (2 * x.shape[1], 2 * x.shape[2]):
+            raise ValueError(f"{self.name}: subpixel needs size twice the input's {x.shape[1:3]}, got {size}")
+        y = upsample2x_conv3x3(x, kernel[:, :, :x.shape[-1]])
         if skip is not None:
-            x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
-        conv = functools.partial(Conv2d, self.features, 3, padding=1, use_bias=False, dtype=self.dtype,
-                                 kernel_init=kaiming_uniform_relu)
-        for j in (1, 2):
-            x = conv(name=f"conv{j}_0")(x)
-            x = nn.relu(BatchNorm2d(dtype=self.dtype, name=f"conv{j}_1")(x, train))
-        return x
+            y = y + _conv3x3(skip, kernel[:, :, x.shape[-1]:])
+        return y
+
+
+def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``conv3x3(upsample_nearest(x, 2x), kernel)`` (padding 1, NHWC, HWIO) as four 2x2 convolutions of ``x``.
+
+    Output row ``2i`` reads upsampled rows ``2i-1, 2i, 2i+1`` = input rows ``i-1, i, i``: a 2-row window over
+    rows ``(i-1, i)`` with kernel rows ``(k0, k1 + k2)``; row ``2i+1`` reads ``i, i, i+1``: window ``(i, i+1)``
+    with ``(k0 + k1, k2)``. Columns alike. Zero padding maps onto zero padding of ``x``.
+    """
+    phases = ((lambda k: jnp.stack([k[0], k[1] + k[2]]), (1, 0)),
+              (lambda k: jnp.stack([k[0] + k[1], k[2]]), (0, 1)))
+    rows = []
+    for row_fold, row_pad in phases:
+        kr = row_fold(kernel)
+        cols = []
+        for col_fold, col_pad in phases:
+            kc = jnp.swapaxes(col_fold(jnp.swapaxes(kr, 0, 1)), 0, 1)
+            cols.append(lax.conv_general_dilated(x, kc, (1, 1), (row_pad, col_pad), dimension_numbers=_DN))
+        rows.append(jnp.stack(cols, axis=3))  # (B, h, w, 2, C)
+    b, h, w, _, c = rows[0].shape
+    return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, c)
+
+
+_DN = ("NHWC", "HWIO", "NHWC")
+# Measured on XLA:CPU: the subpixel train step (forward + gradients) is 20-80% cheaper for Unet-sx50's decoder
+# blocks 1-4 (256 to 32 input channels) but 15% dearer for block 0 (2048 channels on an 8x14 map), whose
+# kernel gradients on the small map run slowly; its forward alone is 25% cheaper.
+_SUBPIXEL_MAX_TRAIN_CHANNELS = 512
+
+
+def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN)
