@@ -137,10 +137,11 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 _DN = ("NHWC", "HWIO", "NHWC")
-# Measured on XLA:CPU: the subpixel train step (forward + gradients) is 20-80% cheaper for Unet-sx50's decoder
-# blocks 1-4 (256 to 32 input channels) but 15% dearer for block 0 (2048 channels on an 8x14 map), whose
-# kernel gradients on the small map run slowly; its forward alone is 25% cheaper.
-_SUBPIXEL_MAX_TRAIN_CHANNELS = 512
+# Measured on XLA:CPU in the Unet-sx50 train step: subpixel saves 40-80% of decoder blocks 3-4 (64 and 32
+# input channels). Blocks 1-2 gain 20% alone but lose it in the whole step: the separate skip convolution's
+# kernel gradient makes XLA recompute the encoder stage's last BN/SE/residual ops inside a transposing copy
+# (~100 ms); block 0 (2048 channels on 8x14) is 15% dearer alone. Forward passes gain 20-50% everywhere.
+_SUBPIXEL_MAX_TRAIN_CHANNELS = 64
 
 
 def _conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
