@@ -210,8 +210,8 @@ def depthwise_conv2d(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilatio
 
     ``impl``: ``"native"`` (``lax.conv_general_dilated`` with ``feature_group_count``), ``"taps"`` (sum over
     the ``kh*kw`` taps of strided slices times the per-channel weights; XLA fuses it into one loop) or
-    ``"auto"``: taps on CPU, native elsewhere. The taps path has a custom gradient whose weight part
-    scans over row blocks, so the ``kh*kw`` reductions read cache-resident data.
+    ``"auto"``: taps on CPU, native elsewhere. The taps path has a custom gradient: the input part is a
+    taps correlation with the flipped kernel, the weight part one fused multi-output reduction.
     """
     stride, dilation = tuple(_pair(stride)), tuple(_pair(dilation))
     padding = tuple(tuple(p) for p in padding_pairs(padding))
@@ -277,39 +277,25 @@ def _depthwise_input_grad(g, kernel, x_shape, stride, padding, dilation):
     return _taps_forward(g, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), dilation)
 
 
-_ROW_BLOCK_BYTES = 1 << 19  # ~512 KiB of input rows per scan step keeps the taps' reads in cache
-
-
 def _depthwise_kernel_grad(x, g, kernel_shape, stride, padding, dilation):
-    """d(loss)/d(kernel) of the taps convolution: ``sum_{b,y,x} xpad[b, i+s*y, j+s*x, c] * g[b, y, x, c]``."""
+    """d(loss)/d(kernel) of the taps convolution: ``sum_{b,y,x} xpad[b, i+s*y, j+s*x, c] * g[b, y, x, c]``.
+
+    All ``kh*kw`` tap products are reduced by ONE variadic ``lax.reduce`` over batch and rows (a single fused
+    pass over ``x`` and ``g``; separate reductions each re-read both, and XLA's CPU runtime materialises the
+    strided tap slices for them), leaving ``(kh*kw, W_out, C)`` partial sums that a small reduce finishes.
+    """
     kh, kw = kernel_shape[:2]
     (sh, sw), (dh, dw) = stride, dilation
     x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     b, oh, ow, c = g.shape
-    row_bytes = b * x.shape[2] * c * x.dtype.itemsize * sh
-    rows = int(max(1, min(oh, _ROW_BLOCK_BYTES // max(row_bytes, 1))))
-    n_blocks = -(-oh // rows)
-    g = jnp.pad(g, ((0, 0), (0, n_blocks * rows - oh), (0, 0), (0, 0)))
-    need = (n_blocks * rows - 1) * sh + (kh - 1) * dh + 1
-    if x.shape[1] < need:
-        x = jnp.pad(x, ((0, 0), (0, need - x.shape[1]), (0, 0), (0, 0)))
-    span = (rows - 1) * sh + (kh - 1) * dh + 1
-
-    def body(acc, block):
-        gb = lax.dynamic_slice_in_dim(g, block * rows, rows, axis=1)
-        xb = lax.dynamic_slice_in_dim(x, block * rows * sh, span, axis=1)
-        sums = []
-        for i in range(kh):
-            for j in range(kw):
-                tap = lax.slice(
-                    xb, (0, i * dh, j * dw, 0), (b, i * dh + (rows - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
-                    (1, sh, sw, 1),
-                )
-                sums.append(jnp.sum(tap * gb, axis=(0, 1, 2), dtype=jnp.float32))
-        return acc + jnp.stack(sums), None
-
-    acc, _ = lax.scan(body, jnp.zeros((kh * kw, c), jnp.float32), jnp.arange(n_blocks))
-    return acc.reshape(kh, kw, 1, c)
+    products = tuple(
+        lax.slice(x, (0, i * dh, j * dw, 0), (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                  (1, sh, sw, 1)).astype(jnp.float32) * g.astype(jnp.float32)
+        for i in range(kh) for j in range(kw)
+    )
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in products)
+    partial = lax.reduce(products, zeros, lambda u, v: tuple(p + q for p, q in zip(u, v)), (0, 1))
+    return jnp.stack([jnp.sum(p, axis=0) for p in partial]).reshape(kh, kw, 1, c)
 
 
 # ----------------------------------------------------------------------------------------------------
