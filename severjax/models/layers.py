@@ -228,9 +228,12 @@ def depthwise_conv2d(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilatio
 
 
 def _taps_forward(x, kernel, stride, padding, dilation):
+    return _taps_padded(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))), kernel, stride, dilation)
+
+
+def _taps_padded(x, kernel, stride, dilation):
     kh, kw = kernel.shape[:2]
     (sh, sw), (dh, dw) = stride, dilation
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     b, h, w, c = x.shape
     oh = (h - (kh - 1) * dh - 1) // sh + 1
     ow = (w - (kw - 1) * dw - 1) // sw + 1
@@ -251,17 +254,22 @@ def _depthwise_taps(x, kernel, stride, padding, dilation):
 
 
 def _depthwise_taps_fwd(x, kernel, stride, padding, dilation):
-    return _taps_forward(x, kernel, stride, padding, dilation), (x, kernel)
+    # the padded input is the residual: the kernel gradient reads it, and keeping x as well would keep two copies
+    xpad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    return _taps_padded(xpad, kernel, stride, dilation), (xpad, kernel)
 
 
 def _depthwise_taps_bwd(stride, padding, dilation, res, g):
-    x, kernel = res
-    dx = _depthwise_input_grad(g, kernel, x.shape, stride, padding, dilation)
-    dk = _depthwise_kernel_grad(x, g, kernel.shape, stride, padding, dilation).astype(kernel.dtype)
+    xpad, kernel = res
+    (top, bottom), (left, right) = padding
+    x_shape = (xpad.shape[0], xpad.shape[1] - top - bottom, xpad.shape[2] - left - right, xpad.shape[3])
+    dx = _depthwise_input_grad(g, kernel, x_shape, stride, padding, dilation).astype(xpad.dtype)
+    dk = _depthwise_kernel_grad(xpad, g, kernel.shape, stride, dilation).astype(kernel.dtype)
     return dx, dk
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
 
 def _depthwise_input_grad(g, kernel, x_shape, stride, padding, dilation):
     """d(loss)/d(x): a stride-1 taps correlation of ``g`` (zero-dilated by the stride, padded) with the
@@ -277,25 +285,42 @@ def _depthwise_input_grad(g, kernel, x_shape, stride, padding, dilation):
     return _taps_forward(g, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), dilation)
 
 
-def _depthwise_kernel_grad(x, g, kernel_shape, stride, padding, dilation):
-    """d(loss)/d(kernel) of the taps convolution: ``sum_{b,y,x} xpad[b, i+s*y, j+s*x, c] * g[b, y, x, c]``.
+_ROW_BLOCK_BYTES = 1 << 19  # ~512 KiB of input rows per scan step keeps the taps' reads in cache
 
-    All ``kh*kw`` tap products are reduced by ONE variadic ``lax.reduce`` over batch and rows (a single fused
-    pass over ``x`` and ``g``; separate reductions each re-read both, and XLA's CPU runtime materialises the
-    strided tap slices for them), leaving ``(kh*kw, W_out, C)`` partial sums that a small reduce finishes.
+
+def _depthwise_kernel_grad(x, g, kernel_shape, stride, dilation):
+    """d(loss)/d(kernel) of the taps convolution, ``x`` the padded input: ``sum_{b,y,x} x[b, i+s*y, j+s*x, c] g[b, y, x, c]``.
+
+    A scan over blocks of output rows (cache-sized), each reducing all ``kh*kw`` tap products with ONE
+    variadic ``lax.reduce``: a single fused pass over the block (separate reductions each re-read it, and
+    XLA's CPU runtime materialises the strided tap slices for them).
     """
     kh, kw = kernel_shape[:2]
     (sh, sw), (dh, dw) = stride, dilation
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     b, oh, ow, c = g.shape
-    products = tuple(
-        lax.slice(x, (0, i * dh, j * dw, 0), (b, i * dh + (oh - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
-                  (1, sh, sw, 1)).astype(jnp.float32) * g.astype(jnp.float32)
-        for i in range(kh) for j in range(kw)
-    )
-    zeros = tuple(jnp.zeros((), jnp.float32) for _ in products)
-    partial = lax.reduce(products, zeros, lambda u, v: tuple(p + q for p, q in zip(u, v)), (0, 1))
-    return jnp.stack([jnp.sum(p, axis=0) for p in partial]).reshape(kh, kw, 1, c)
+    row_bytes = b * x.shape[2] * c * x.dtype.itemsize * sh
+    rows = int(max(1, min(oh, _ROW_BLOCK_BYTES // max(row_bytes, 1))))
+    n_blocks = -(-oh // rows)
+    g = jnp.pad(g, ((0, 0), (0, n_blocks * rows - oh), (0, 0), (0, 0)))
+    need = (n_blocks * rows - 1) * sh + (kh - 1) * dh + 1
+    if x.shape[1] < need:
+        x = jnp.pad(x, ((0, 0), (0, need - x.shape[1]), (0, 0), (0, 0)))
+    span = (rows - 1) * sh + (kh - 1) * dh + 1
+
+    def body(acc, block):
+        gb = lax.dynamic_slice_in_dim(g, block * rows, rows, axis=1).astype(jnp.float32)
+        xb = lax.dynamic_slice_in_dim(x, block * rows * sh, span, axis=1).astype(jnp.float32)
+        products = tuple(
+            lax.slice(xb, (0, i * dh, j * dw, 0), (b, i * dh + (rows - 1) * sh + 1, j * dw + (ow - 1) * sw + 1, c),
+                      (1, sh, sw, 1)) * gb
+            for i in range(kh) for j in range(kw)
+        )
+        zeros = tuple(jnp.zeros((), jnp.float32) for _ in products)
+        sums = lax.reduce(products, zeros, lambda u, v: tuple(p + q for p, q in zip(u, v)), (0, 1, 2))
+        return acc + jnp.stack(sums), None
+
+    acc, _ = lax.scan(body, jnp.zeros((kh * kw, c), jnp.float32), jnp.arange(n_blocks))
+    return acc.reshape(kh, kw, 1, c)
 
 
 # ----------------------------------------------------------------------------------------------------
