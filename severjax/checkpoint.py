@@ -45,7 +45,9 @@ def save_model(directory: str, variables: Mapping[str, Any], model_spec: Mapping
 
 
 def resolve_model_dir(path: str) -> str:
-    """Returns the exported-model folder for ``path``: the folder itself, or a training workdir's best/last."""
+    """Returns the exported-model folder for ``path`` as an absolute path (orbax refuses relative ones): the
+    folder itself, or a training workdir's best/last."""
+    path = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(os.path.join(path, MODEL_JSON)):
         return path
     for name in WORKDIR_MODELS:

@@ -141,7 +141,7 @@ def test_encoder_only_state_dict(torch_reference):
         convert_encoder_state_dict(sd, model, init)
 
 
-def test_convert_weights_cli_roundtrip(tmp_path, torch_reference):
+def test_convert_weights_cli_roundtrip(tmp_path, torch_reference, monkeypatch):
     from severjax.checkpoint import load_model
 
     torch.manual_seed(0)
@@ -152,7 +152,8 @@ def test_convert_weights_cli_roundtrip(tmp_path, torch_reference):
     out = convert_weights.main(["--weights", str(path), "--arch", "fpn", "--encoder", "efficientnet-b0",
                                 "--in_channels", "1", "--decoder_merge_policy", "cat", "--dropout", "0.2",
                                 "--normalize", "0.3439,0.0383", "--out", str(tmp_path / "export")])
-    module, variables, spec = load_model(out)
+    monkeypatch.chdir(tmp_path)  # relative paths load too (orbax itself wants absolute ones)
+    module, variables, spec = load_model("export")
     assert spec["decoder_merge_policy"] == "cat" and spec["normalize"] == {"mean": 0.3439, "std": 0.0383}
     x = RNG.randn(1, 64, 96, 1).astype(np.float32)
     with torch.no_grad():

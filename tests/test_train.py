@@ -437,6 +437,12 @@ def test_sigkill_mid_run_then_restart_is_bit_identical_to_an_uninterrupted_run(f
     from severjax.checkpoint import load_model
 
     _, _, spec = load_model(str(run_a))  # a workdir resolves to its model_best
+    cwd = os.getcwd()
+    try:  # a relative workdir (tools/quickstart.sh's default runs/quickstart) loads too
+        os.chdir(run_a.parent)
+        assert load_model(run_a.name)[2] == spec
+    finally:
+        os.chdir(cwd)
     assert spec["normalize"] == {"mean": 0.3439, "std": 0.0383} and spec["arch"] == "unet"
     _, last_a, spec_a = load_model(str(run_a / "model_last"))
     _, last_b, spec_b = load_model(str(run_b / "model_last"))
