@@ -26,6 +26,13 @@ def _smp_encoder(torch_reference, name, in_channels, seed=0):
     return torch_reference.randomize_norms(enc.eval(), seed=seed + 1)
 
 
+def _converted_pair(torch_reference, name):
+    """A 1-channel SMP encoder (random weights, distinct norms, eval), our encoder and its converted variables."""
+    tenc = _smp_encoder(torch_reference, name, 1)
+    enc = get_encoder(name, in_channels=1)
+    return tenc, enc, convert_smp_state_dict(torch_reference.state_dict(tenc), enc)
+
+
 def _check_encoder_parity(torch_reference, name, in_channels, height, width, batch=1):
     tenc = _smp_encoder(torch_reference, name, in_channels)
     enc = get_encoder(name, in_channels=in_channels)
@@ -95,9 +102,7 @@ def test_every_smp_tensor_has_one_flax_home(torch_reference):
 def test_train_mode_odd_size_matches_torch(torch_reference, name):
     # Batch statistics, the running-stat update (unbiased variance) and sizes that are not multiples of 32
     # (SE-ResNeXt's ceil-mode pool, InceptionV4's padded stride-2 convs and pools), in one forward.
-    tenc = _smp_encoder(torch_reference, name, 1)
-    enc = get_encoder(name, in_channels=1)
-    variables = convert_smp_state_dict(torch_reference.state_dict(tenc), enc)
+    tenc, enc, variables = _converted_pair(torch_reference, name)
     x = np.random.RandomState(1).randn(2, 67, 75, 1).astype(np.float32)
     # Batch norm over the few positions of the deep stages (2x3x3) amplifies rounding: PyTorch's own float32
     # result is ~1e-2 off float64 there. So the reference is float64 and the bound is a few times PyTorch's error.
@@ -129,9 +134,7 @@ def _assert_within_torch_noise(out, ref32, ref64, what):
 def test_gradients_under_jit_match_torch(torch_reference, name):
     # Eval-mode gradients w.r.t. the input and every kernel: the CPU grouped conv's dense blocks, the
     # pools' differentiability under jit (reduce_window with a Python-scalar -inf init).
-    tenc = _smp_encoder(torch_reference, name, 1)
-    enc = get_encoder(name, in_channels=1)
-    variables = convert_smp_state_dict(torch_reference.state_dict(tenc), enc)
+    tenc, enc, variables = _converted_pair(torch_reference, name)
     x = np.random.RandomState(4).randn(2, 67, 75, 1).astype(np.float32)
     xt = torch_reference.nchw(x).requires_grad_(True)
     sum(f.square().mean() for f in tenc(xt)[1:]).backward()
