@@ -196,7 +196,7 @@ def test_max_pool_ceil_gradient_matches_torch(torch_reference, shape):
 
 
 def test_pointwise_conv_gradients_match_plain_dot():
-    from severjax.models.senet import _pointwise, pointwise_conv2d
+    from severjax.models.layers import _pointwise, pointwise_conv2d
 
     rng = np.random.RandomState(8)
     x = jnp.asarray(rng.randn(2, 5, 7, 12), jnp.float32)

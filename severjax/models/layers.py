@@ -101,8 +101,7 @@ class Conv2d(nn.Module):
         if self.groups > 1 and self.groups == in_features == self.features:
             y = depthwise_conv2d(x, kernel, stride, padding, dilation, impl=self.depthwise_impl)
         elif (kh, kw) == (1, 1) and stride == (1, 1) and padding == ((0, 0), (0, 0)) and self.groups == 1:
-            # a pointwise conv is a matmul; as a dot its gradients need no transposed copies (CPU: ~2x faster)
-            y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+            y = pointwise_conv2d(x, kernel[0, 0])
         else:
             y = lax.conv_general_dilated(
                 x, kernel, stride, padding, rhs_dilation=dilation,
@@ -111,6 +110,44 @@ class Conv2d(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(self.dtype)
         return y
+
+
+def pointwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` over the last axis of NHWC ``x`` (``kernel`` ``(in, out)``): a 1x1 convolution.
+
+    On CPU, with a custom gradient: the kernel gradient ``x^T g`` is one dot contracting the flattened
+    positions of both (2-D) operands, which XLA:CPU runs as is. Autodiff's 4-D contraction gets the cotangent
+    laid out transposed instead, and the BatchNorm-backward fusion that produces it then writes it column by
+    column: ~40% of an SE-ResNeXt layer1 bottleneck's train step,
+    ~6% of an EfficientNet-b5 FPN's.
+    """
+    if jax.default_backend() == "cpu":
+        return _pointwise_cpu(x, kernel)
+    return _pointwise(x, kernel)
+
+
+def _pointwise(x, kernel):
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _pointwise_cpu(x, kernel):
+    return _pointwise(x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+    return _pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(res, g):
+    x, kernel = res
+    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+    xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dk = lax.dot_general(xf, gf, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx, dk.astype(kernel.dtype)
+
+
+_pointwise_cpu.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 class BatchNorm2d(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d, torch_default_kernel_init
+from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d, pointwise_conv2d, torch_default_kernel_init
 
 # SMP 0.6.0 settings shared by every SE-ResNeXt (senet.py `senet_encoders`).
 _GROUPS = 32
@@ -172,43 +172,6 @@ class PointwiseConv2d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", torch_default_kernel_init, (1, 1, x.shape[-1], self.features))
         return pointwise_conv2d(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-
-
-def pointwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` over the last axis of NHWC ``x`` (``kernel`` ``(in, out)``): a 1x1 convolution.
-
-    On CPU, with a custom gradient: the kernel gradient ``x^T g`` is one dot contracting the flattened
-    positions of both (2-D) operands, which XLA:CPU runs as is. Autodiff's 4-D contraction gets the cotangent
-    laid out transposed instead, and the BatchNorm-backward fusion that produces it then writes it column by
-    column: ~40% of an SE-ResNeXt layer1 bottleneck's train step.
-    """
-    if jax.default_backend() == "cpu":
-        return _pointwise_cpu(x, kernel)
-    return _pointwise(x, kernel)
-
-
-def _pointwise(x, kernel):
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-@jax.custom_vjp
-def _pointwise_cpu(x, kernel):
-    return _pointwise(x, kernel)
-
-
-def _pointwise_fwd(x, kernel):
-    return _pointwise(x, kernel), (x, kernel)
-
-
-def _pointwise_bwd(res, g):
-    x, kernel = res
-    dx = lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-    xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dk = lax.dot_general(xf, gf, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return dx, dk.astype(kernel.dtype)
-
-
-_pointwise_cpu.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], padding: tuple[tuple[int, int], ...],
