@@ -67,6 +67,23 @@ def test_conv2d_matches_torch(groups, dilation, stride, bias):
     np.testing.assert_allclose(conv.apply(v, x), _nhwc(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_conv2d_1x1_gradients_match_torch():
+    # 1x1 convs run as a dot with a hand-written gradient on CPU (layers.pointwise_conv2d): check it end to end
+    x = RNG.randn(2, 5, 7, 12).astype(np.float32)
+    gy = RNG.randn(2, 5, 7, 20).astype(np.float32)
+    conv = layers.Conv2d(20, 1)
+    params = conv.init(jax.random.PRNGKey(1), x)["params"]
+    params = {"kernel": params["kernel"], "bias": params["bias"] + 0.2}
+    dx, dp = jax.jit(jax.grad(lambda x, p: jnp.sum(conv.apply({"params": p}, x) * gy), argnums=(0, 1)))(x, params)
+    tx = _nchw(x).requires_grad_(True)
+    tw = torch.from_numpy(np.ascontiguousarray(np.asarray(params["kernel"]).transpose(3, 2, 0, 1))).requires_grad_(True)
+    tb = torch.from_numpy(np.asarray(params["bias"])).requires_grad_(True)
+    (F.conv2d(tx, tw, tb) * _nchw(gy)).sum().backward()
+    np.testing.assert_allclose(dx, _nhwc(tx.grad), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["kernel"], tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["bias"], tb.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("size,k,s,p", [(13, 3, 2, 0), (14, 3, 2, 0), (15, 3, 2, 1), (35, 3, 2, 0), (8, 2, 2, 0)])
 def test_max_pool_ceil_mode_matches_torch(size, k, s, p):
     x = RNG.randn(1, size, size + 3, 2).astype(np.float32)
