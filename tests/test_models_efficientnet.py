@@ -67,6 +67,14 @@ def test_conv2d_matches_torch(groups, dilation, stride, bias):
     np.testing.assert_allclose(conv.apply(v, x), _nhwc(ref), rtol=1e-5, atol=1e-5)
 
 
+def test_swish_matches_silu_values_and_gradients():
+    x = jnp.asarray(RNG.randn(3, 50) * 6, jnp.float32)
+    g = jnp.asarray(RNG.randn(3, 50), jnp.float32)
+    np.testing.assert_allclose(layers.swish(x), jax.nn.silu(x), rtol=1e-6, atol=1e-7)
+    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * g))(x) for f in (layers.swish, jax.nn.silu)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
 def test_conv2d_1x1_gradients_match_torch():
     # 1x1 convs run as a dot with a hand-written gradient on CPU (layers.pointwise_conv2d): check it end to end
     x = RNG.randn(2, 5, 7, 12).astype(np.float32)

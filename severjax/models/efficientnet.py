@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from severjax.models.layers import BatchNorm2d, Conv2d, drop_connect, same_padding
+from severjax.models.layers import BatchNorm2d, Conv2d, drop_connect, same_padding, swish
 
 Dtype = Any
 
@@ -115,13 +115,13 @@ class MBConvBlock(nn.Module):
         x = inputs
         if s.expand_ratio != 1:
             x = Conv2d(expanded, 1, use_bias=False, dtype=self.dtype, name="_expand_conv")(x)
-            x = nn.silu(bn(name="_bn0")(x, train))
+            x = swish(bn(name="_bn0")(x, train))
         x = Conv2d(expanded, s.kernel, s.stride, s.padding, groups=expanded, use_bias=False, dtype=self.dtype,
                    name="_depthwise_conv")(x)
-        x = nn.silu(bn(name="_bn1")(x, train))
+        x = swish(bn(name="_bn1")(x, train))
         squeezed = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(self.dtype)
         squeezed = Conv2d(s.se_filters, 1, dtype=self.dtype, name="_se_reduce")(squeezed)
-        squeezed = Conv2d(expanded, 1, dtype=self.dtype, name="_se_expand")(nn.silu(squeezed))
+        squeezed = Conv2d(expanded, 1, dtype=self.dtype, name="_se_expand")(swish(squeezed))
         x = nn.sigmoid(squeezed) * x
         x = Conv2d(s.out_filters, 1, use_bias=False, dtype=self.dtype, name="_project_conv")(x)
         x = bn(name="_bn2")(x, train)
@@ -155,7 +155,7 @@ class EfficientNetEncoder(nn.Module):
         out_indexes = OUT_INDEXES[self.variant]
         features = [x]
         y = Conv2d(stem_filters, 3, 2, stem_padding, use_bias=False, dtype=self.dtype, name="_conv_stem")(x)
-        y = nn.silu(BatchNorm2d(BN_MOMENTUM, BN_EPS, self.dtype, name="_bn0")(y, train))
+        y = swish(BatchNorm2d(BN_MOMENTUM, BN_EPS, self.dtype, name="_bn0")(y, train))
         features.append(y)
         for i, spec in enumerate(blocks[: out_indexes[-1] + 1]):
             y = MBConvBlock(spec, self.dtype, name=f"_blocks_{i}")(y, train)
