@@ -85,7 +85,7 @@ def test_conv2d_1x1_gradients_match_torch():
     dx, dp = jax.jit(jax.grad(lambda x, p: jnp.sum(conv.apply({"params": p}, x) * gy), argnums=(0, 1)))(x, params)
     tx = _nchw(x).requires_grad_(True)
     tw = torch.from_numpy(np.ascontiguousarray(np.asarray(params["kernel"]).transpose(3, 2, 0, 1))).requires_grad_(True)
-    tb = torch.from_numpy(np.asarray(params["bias"])).requires_grad_(True)
+    tb = torch.from_numpy(np.array(params["bias"])).requires_grad_(True)
     (F.conv2d(tx, tw, tb) * _nchw(gy)).sum().backward()
     np.testing.assert_allclose(dx, _nhwc(tx.grad), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dp["kernel"], tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
