@@ -118,8 +118,7 @@ def pointwise_conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     On CPU, with a custom gradient: the kernel gradient ``x^T g`` is one dot contracting the flattened
     positions of both (2-D) operands, which XLA:CPU runs as is. Autodiff's 4-D contraction gets the cotangent
     laid out transposed instead, and the BatchNorm-backward fusion that produces it then writes it column by
-    column: ~40% of an SE-ResNeXt layer1 bottleneck's train step,
-    ~6% of an EfficientNet-b5 FPN's.
+    column: ~40% of an SE-ResNeXt layer1 bottleneck's train step, ~6% of an EfficientNet-b5 FPN's (70 ms).
     """
     if jax.default_backend() == "cpu":
         return _pointwise_cpu(x, kernel)
