@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d, pointwise_conv2d, torch_default_kernel_init
+from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d, torch_default_kernel_init
 
 # SMP 0.6.0 settings shared by every SE-ResNeXt (senet.py `senet_encoders`).
 _GROUPS = 32
@@ -92,17 +92,17 @@ class SEResNeXtBottleneck(nn.Module):
         width = math.floor(self.planes * self.base_width / 64) * self.groups
         out_ch = self.planes * _EXPANSION
         bn = functools.partial(_batch_norm, train=train, dtype=self.dtype)
-        pconv = functools.partial(PointwiseConv2d, dtype=self.dtype)
+        conv = functools.partial(_conv, dtype=self.dtype)
 
-        y = nn.relu(bn(name="bn1")(pconv(width, name="conv1")(x)))
+        y = nn.relu(bn(name="bn1")(conv(width, 1, name="conv1")(x)))
         y = GroupedConv2d(width, 3, stride=self.stride, padding=1, groups=self.groups, dtype=self.dtype,
                           impl=self.grouped_impl, name="conv2")(y)
         y = nn.relu(bn(name="bn2")(y))
-        y = bn(name="bn3")(pconv(out_ch, name="conv3")(y))
+        y = bn(name="bn3")(conv(out_ch, 1, name="conv3")(y))
         if self.downsample:
             # a strided 1x1 conv is a subsample then a matmul: as a strided conv, its kernel gradient (transposed
             # copies of the activations on XLA:CPU) cost ~10% of the SE-ResNeXt train step
-            residual = pconv(out_ch, name="downsample_0")(x[:, ::self.stride, ::self.stride])
+            residual = conv(out_ch, 1, name="downsample_0")(x[:, ::self.stride, ::self.stride])
             residual = bn(name="downsample_1")(residual)
         else:
             residual = x
@@ -159,19 +159,6 @@ class GroupedConv2d(nn.Module):
         pad = ((self.padding, self.padding),) * 2
         return grouped_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), (self.stride,) * 2, pad,
                               self.groups, impl=self.impl)
-
-
-class PointwiseConv2d(nn.Module):
-    """``torch.nn.Conv2d(kernel_size=1, bias=False)`` with :class:`Conv2d`'s parameter (``kernel`` ``(1, 1, in, out)``),
-    computed by :func:`pointwise_conv2d`."""
-
-    features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", torch_default_kernel_init, (1, 1, x.shape[-1], self.features))
-        return pointwise_conv2d(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
 
 
 def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], padding: tuple[tuple[int, int], ...],
