@@ -75,6 +75,18 @@ def test_swish_matches_silu_values_and_gradients():
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
+def test_pointwise_conv_gradients_match_plain_dot():
+    rng = np.random.RandomState(8)
+    x = jnp.asarray(rng.randn(2, 5, 7, 12), jnp.float32)
+    w = jnp.asarray(rng.randn(12, 20), jnp.float32)
+    gy = jnp.asarray(rng.randn(2, 5, 7, 20), jnp.float32)
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * gy), argnums=(0, 1)))(x, w)
+             for f in (layers.pointwise_conv2d, layers._pointwise)]
+    np.testing.assert_allclose(layers.pointwise_conv2d(x, w), layers._pointwise(x, w), rtol=1e-6)
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_conv2d_1x1_gradients_match_torch():
     # 1x1 convs run as a dot with a hand-written gradient on CPU (layers.pointwise_conv2d): check it end to end
     x = RNG.randn(2, 5, 7, 12).astype(np.float32)

@@ -195,20 +195,6 @@ def test_max_pool_ceil_gradient_matches_torch(torch_reference, shape):
     np.testing.assert_allclose(np.asarray(dx), torch_reference.nhwc(xt.grad), rtol=1e-6, atol=1e-6)
 
 
-def test_pointwise_conv_gradients_match_plain_dot():
-    from severjax.models.layers import _pointwise, pointwise_conv2d
-
-    rng = np.random.RandomState(8)
-    x = jnp.asarray(rng.randn(2, 5, 7, 12), jnp.float32)
-    w = jnp.asarray(rng.randn(12, 20), jnp.float32)
-    gy = jnp.asarray(rng.randn(2, 5, 7, 20), jnp.float32)
-    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * gy), argnums=(0, 1)))(x, w)
-             for f in (pointwise_conv2d, _pointwise)]
-    np.testing.assert_allclose(pointwise_conv2d(x, w), _pointwise(x, w), rtol=1e-6)
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("shape,skip_channels,train", [
     ((2, 4, 6, 8), 5, False), ((1, 3, 5, 6), 0, True), ((2, 5, 4, 12), 3, True),
 ])
