@@ -17,6 +17,7 @@ ratio stayed within ~10%. Read ``cpu j/r`` there, ``jax/ref`` on an idle machine
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -157,6 +158,46 @@ def torch_train_step(model, config, image: np.ndarray, mask: np.ndarray) -> Call
         return loss
 
     return step
+
+
+def jax_train_call(config, image: np.ndarray, mask: np.ndarray, steps_per_call: int | None = None
+                   ) -> tuple[Callable[[], Any], Any, float, int]:
+    """``(call, compiled, compile seconds, steps a call)``: ``call()`` runs ``steps_per_call`` severjax
+    training steps in one jit program, as the trainer does (``severjax.train.train_steps``: forward, loss,
+    backward, two-group RAdam; default ``config.steps_per_call``, 0 = the backend's choice), each on the
+    fixed batch ``image``/``mask``, carrying the donated state from call to call. Divide a call's time by
+    the steps a call for the time a step."""
+    import jax
+
+    from severjax import optim, train
+
+    k = train.resolve_steps_per_call(config.steps_per_call if steps_per_call is None else steps_per_call)
+    model, _ = train.build_model(config)
+    tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=100, epochs=config.epochs)
+    state = train.create_train_state(config, model, tx)
+    step_fn = functools.partial(train.train_step, loss_config=dict(config.loss), schedules=schedules,
+                                axis_name=None)
+    fn = jax.jit(functools.partial(train.train_steps, step_fn=step_fn), donate_argnums=(0,))
+    batches = jax.device_put({"image": np.stack([image] * k), "mask": np.stack([mask] * k)})
+    keys = train.step_keys(jax.random.key(0), 0, k)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batches, keys).compile()
+    compile_s = time.perf_counter() - start
+    box = [state]
+
+    def call():
+        box[0], metrics = compiled(box[0], batches, keys)
+        return metrics
+
+    return call, compiled, compile_s, k
+
+
+def repeat_calls(fn: Callable[[], Any], times: int) -> Callable[[], Any]:
+    """A closure calling ``fn`` ``times`` times (the PyTorch step, to match a JAX call of several steps)."""
+    def repeated():
+        return [fn() for _ in range(times)][-1]
+
+    return repeated
 
 
 # ------------------------------------------------------------------------------------------- memory

@@ -8,8 +8,9 @@ the same load; compile times apart):
 * ``forward``: FPN/efficientnet-b5 at 256x416 and Unet/se_resnext50_32x4d at 256x448, batch 2, eval mode,
   against the segmentation_models_pytorch model of the same arch/encoder; FLOPs from XLA's cost analysis,
   achieved GFLOP/s of both and the share of the CPU's estimated peak (``bench_flops.cpu_peak_flops``).
-* ``train step``: the same models and crops, batch 2: ``severjax.train.train_step`` under ``jit`` against
-  forward + 0.6 BCE + 0.4 soft Dice + backward + two-group RAdam in PyTorch. Memory: XLA's memory analysis of
+* ``train step``: the same models and crops, batch 2: ``severjax.train.train_steps`` under ``jit``, in calls of
+  ``config.steps_per_call`` steps as the trainer runs them (3 on CPU), against as many steps of forward + 0.6
+  BCE + 0.4 soft Dice + backward + two-group RAdam in PyTorch; times are per step. Memory: XLA's memory analysis of
   the compiled step (arguments + outputs - donated aliases + temporaries) and the resident-memory rise of one
   step for both (``harness.peak_rss``).
 * ``full image TTA``: one 256x1600 image, identity + horizontal flip, sigmoid, flip undone, views averaged
@@ -31,7 +32,6 @@ shared CPU slowed the reference 5x in our runs.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import importlib.util
 import json
@@ -145,48 +145,24 @@ def model_rows(name: str, batch: int, repeats: int, peak: bench_flops.PeakEstima
     del variables, x, compiled
     gc.collect()
 
-    # train step
-    jax_step, jax_mem, step_compile_s = jax_train_step(config, image, mask)
-    torch_step = torch_train_step(config, name, image, mask)
-    jax_t, ref_t = harness.time_pair(jax_step, torch_step, repeats=repeats)
-    jax_rss, _ = harness.peak_rss(jax_step)
-    del torch_step
+    # train step: calls of config.steps_per_call steps (the trainer's), as many PyTorch steps a call
+    jax_call, step_program, step_compile_s, k = harness.jax_train_call(config, image, mask)
+    jax_mem = xla_peak_bytes(step_program)
+    del step_program
+    torch_call = harness.repeat_calls(torch_train_step(config, name, image, mask), k)
+    jax_t, ref_t = harness.time_pair(jax_call, torch_call, repeats=repeats)
+    jax_rss, _ = harness.peak_rss(jax_call)
+    del torch_call
     gc.collect()
     ref_rss = torch_step_peak_rss(name, batch)
-    step = Result.from_timings(f"train step {label}", jax_t, ref_t, unit="step",
+    step = Result.from_timings(f"train step {label}", jax_t, ref_t, unit="step", per=k, steps_per_call=k,
                                xla_peak_mib=jax_mem / 2**20, jax_rss_mib=jax_rss / 2**20, ref_rss_mib=ref_rss / 2**20,
-                               images_per_s=batch / jax_t.median, ref_images_per_s=batch / ref_t.median)
+                               images_per_s=batch * k / jax_t.median, ref_images_per_s=batch * k / ref_t.median)
     step.compile_s = step_compile_s
     yield step
-    del jax_step
+    del jax_call
     gc.collect()
     jax.clear_caches()
-
-
-def jax_train_step(config, image: np.ndarray, mask: np.ndarray) -> tuple[Callable[[], Any], int, float]:
-    """``(step, xla peak bytes, compile seconds)``: ``step()`` runs one jit ``train_step`` on a fixed batch,
-    carrying the (donated) state from call to call."""
-    import jax
-
-    from severjax import optim, train
-
-    model, _ = train.build_model(config)
-    tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=100, epochs=config.epochs)
-    state = train.create_train_state(config, model, tx)
-    fn = jax.jit(functools.partial(train.train_step, loss_config=dict(config.loss), schedules=schedules,
-                                   axis_name=None), donate_argnums=(0,))
-    batch = jax.device_put({"image": image, "mask": mask})
-    key = jax.random.key(0)
-    start = time.perf_counter()
-    compiled = fn.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - start
-    box = [state]
-
-    def step():
-        box[0], metrics = compiled(box[0], batch, key)
-        return metrics
-
-    return step, xla_peak_bytes(compiled), compile_s
 
 
 def xla_peak_bytes(compiled) -> int:

@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every = 500  # steps between periodic train-state saves (epoch ends always save)
     config.keep_checkpoints = 2  # latest K periodic checkpoints, plus the best by val dice
     config.log_every = 20  # steps between TensorBoard scalars
+    # optimizer steps run by one device call (unrolled into one XLA program; calls never straddle an epoch
+    # end or a checkpoint). 0 = by backend: 3 on CPU, where XLA faults its whole scratch buffer in again at
+    # every call (FPN-b5 on 2 cores: 0.81 s a step instead of 1.02 s), 1 on GPU/TPU. More steps a call
+    # compile longer and use a little more memory.
+    config.steps_per_call = 0
     config.progress_bar = True
     config.init_weights = ""  # "" or an exported model dir (tools/convert_weights.py output)
     # Before each evaluation, replace the BatchNorm running statistics by their exact mean over this

@@ -1,16 +1,19 @@
-"""After the first train step and the first prediction batch, later steps and batches compile nothing.
+"""After the first train calls and the first prediction batch, later calls and batches compile nothing.
 
 A listener on JAX's backend-compile event counts every XLA compilation. The train loop body is the
-trainer's own (``make_task`` -> pmapped ``train_step`` with donated state, ``shard_batch``, per-step
-``fold_in`` keys, host copies of the metrics), fed fresh host batches as the input pipeline would; the
-prediction loop is ``Ensemble`` (TTA, post-processing with component removal) over uint8 batches, then
-host RLE. The model is a tiny conv net with severjax's BatchNorm2d: the loops do not depend on it. A recompilation per step (a dtype or weak-type drift in the state, a
-Python scalar turned into a new constant, a shape change) would show up as compiles after the first call.
+trainer's own (``make_task`` -> pmapped ``train_steps`` with donated state, ``stack_batches``,
+``step_keys``, host copies of the metrics), fed fresh host batches as the input pipeline would, in calls
+of 2 steps and of 1 (the trainer's two programs); the prediction loop is ``Ensemble`` (TTA,
+post-processing with component removal) over uint8 batches, then host RLE. The model is a tiny conv net
+with severjax's BatchNorm2d: the loops do not depend on it. A recompilation per call (a dtype or
+weak-type drift in the state, a Python scalar turned into a new constant, a shape change) would show up
+as compiles after the first calls.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 
@@ -114,25 +117,28 @@ def test_train_steps_after_the_first_compile_nothing():
                                     batch_stats=variables["batch_stats"],
                                     rng=jax.random.key_data(jax.random.key(1)))
     task = train.make_task(config, schedules)
-    p_train_step = jax.pmap(task.train_step, axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    p_train_steps = jax.pmap(functools.partial(train.train_steps, step_fn=task.train_step), axis_name=train.AXIS,
+                             in_axes=(0, 0, None), donate_argnums=(0,))
     base_key = jax.random.wrap_key_data(np.asarray(state.rng))
     p_state = _replicate(state)
 
-    def loop_body(p_state, step):  # train_and_evaluate's per-step work
-        batch = train.shard_batch(_host_batch(step, config.batch_size))
-        p_state, metrics = p_train_step(p_state, batch, jax.random.fold_in(base_key, step))
-        host = {k: float(v) for k, v in jax.device_get(jax_utils.unreplicate(metrics)).items()}
-        assert np.isfinite(host["loss"])
+    def loop_body(p_state, step, n):  # train_and_evaluate's per-call work: n steps in one call
+        batches = train.stack_batches([_host_batch(step + i, config.batch_size) for i in range(n)])
+        p_state, metrics = p_train_steps(p_state, batches, train.step_keys(base_key, step, n))
+        host = jax.device_get(jax_utils.unreplicate(metrics))
+        assert host["loss"].shape == (n,) and np.all(np.isfinite(host["loss"]))
         return p_state
 
-    with count_compiles() as first:
-        p_state = loop_body(p_state, 0)
+    with count_compiles() as first:  # the two programs the trainer uses: steps_per_call steps, and 1
+        p_state = loop_body(p_state, 0, 2)
+        p_state = loop_body(p_state, 2, 1)
     assert first, "the compile listener saw no compilation at all: the event name changed?"
     with count_compiles() as later:
-        for step in range(1, 5):  # crosses the flat -> decay schedule boundary at step 2
-            p_state = loop_body(p_state, step)
-    assert not later, f"{len(later)} compilation(s) after the first train step ({sum(later):.1f} s)"
-    assert int(jax_utils.unreplicate(p_state.step)) == 5
+        for step in (3, 5, 7):  # crosses the flat -> decay schedule boundary at step 2
+            p_state = loop_body(p_state, step, 2)
+        p_state = loop_body(p_state, 9, 1)
+    assert not later, f"{len(later)} compilation(s) after the first train calls ({sum(later):.1f} s)"
+    assert int(jax_utils.unreplicate(p_state.step)) == 10
 
     # evaluation batches (weights mark padding) and the export copy compile once too
     p_eval_step = jax.pmap(task.eval_step, axis_name=train.AXIS)

@@ -233,12 +233,66 @@ def test_init_weights_load_an_export_and_reject_one_that_does_not_fit(tmp_path):
         load_init_weights(str(tmp_path / "m4"), variables(3))
 
 
+# ------------------------------------------------------------------------------ steps per call
+
+
+def test_several_steps_a_call_equal_the_same_steps_one_by_one():
+    """``train_steps`` over 3 stacked batches (one unrolled program) == 3 single ``train_step`` calls with
+    the ``step_keys`` of those steps: same params, BN statistics, optimizer step and per-step metrics.
+    Dropout on, so each step must get its own key."""
+    import functools
+
+    import jax
+
+    from severjax import train
+
+    state, schedules = _tiny_state(use_bn=True, dropout=0.3)
+    step_fn = functools.partial(train.train_step, loss_config=LOSS, schedules=schedules, axis_name=None)
+    base_key = jax.random.key(7)
+    batches = [{k: v[:4] for k, v in _batch(i).items()} for i in range(3)]
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    many, metrics = jax.jit(functools.partial(train.train_steps, step_fn=step_fn))(
+        state, stacked, train.step_keys(base_key, 5, 3))
+    one = jax.jit(step_fn)
+    for i, batch in enumerate(batches):
+        state, m = one(state, batch, jax.random.fold_in(base_key, 5 + i))
+        for key, value in m.items():
+            np.testing.assert_allclose(metrics[key][i], value, rtol=1e-5, atol=1e-6, err_msg=f"step {i} {key}")
+    assert int(many.step) == int(state.step) == 3
+    for tree in ("params", "batch_stats", "opt_state"):
+        want, got = _flat(getattr(state, tree)), _flat(getattr(many, tree))
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{tree} {key}")
+
+
+def test_calls_never_straddle_an_epoch_end_or_a_checkpoint():
+    """``call_length``: full calls where they fit before the next epoch end / checkpoint / the end, single
+    steps in the gap; a resumed run (starting at a boundary) cuts its calls where the first run did."""
+    from severjax.train import call_length, resolve_steps_per_call
+
+    def cuts(start, total, per_call=3, periods=(10, 4)):
+        out, step = [], start
+        while step < total:
+            n = call_length(step, per_call, periods, total)
+            out.append(n)
+            step += n
+        return out
+
+    # epochs of 10 steps, checkpoints every 4: boundaries 4, 8, 10, 12, 16, 20
+    assert cuts(0, 20) == [3, 1, 3, 1, 1, 1, 1, 1, 3, 1, 3, 1]
+    assert sum(cuts(0, 20)) == 20 and cuts(8, 20) == cuts(0, 20)[4:]  # resuming at step 8
+    assert cuts(0, 7, per_call=1) == [1] * 7
+    assert cuts(0, 12, per_call=4, periods=(12,)) == [4, 4, 4]
+    assert resolve_steps_per_call(0, "cpu") == 3 and resolve_steps_per_call(0, "gpu") == 1
+    assert resolve_steps_per_call(2, "cpu") == 2
+
+
 # ------------------------------------------------------------------------------- multi-process
 
 
 @pytest.mark.multiprocess
 def test_two_processes_train_together_through_jax_distributed(tmp_path):
-    """2 processes x 2 CPU devices (gloo) take two steps; equal to one device over the global batch.
+    """2 processes x 2 CPU devices (gloo) take two steps in one call; equal to one device over the global batch.
 
     They also write a train-state checkpoint (each process its own loader position) and an export.
     """
@@ -310,13 +364,14 @@ def _case_two_processes(port: str, process_id: str, out_dir: str) -> None:
     assert train.initialize_distributed(f"127.0.0.1:{port}", 2, pid)
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     state, schedules = _tiny_state(use_bn=False)
-    p_step = jax.pmap(functools.partial(train.train_step, loss_config=LOSS, schedules=schedules),
-                      axis_name="batch", in_axes=(0, 0, None))
+    step_fn = functools.partial(train.train_step, loss_config=LOSS, schedules=schedules)
+    p_steps = jax.pmap(functools.partial(train.train_steps, step_fn=step_fn), axis_name="batch",
+                       in_axes=(0, 0, None))
     p_state = train.replicate_state(state)
-    for i in range(2):
-        batch = _batch(i)
-        local = {k: v[pid * 8:(pid + 1) * 8] for k, v in batch.items()}  # this process's shard
-        p_state, _ = p_step(p_state, train.shard_batch(local), jax.random.key(i))
+    # both steps in one call (config.steps_per_call = 2), each process stacking its own shards
+    local = [{k: v[pid * 8:(pid + 1) * 8] for k, v in _batch(i).items()} for i in range(2)]
+    p_state, metrics = p_steps(p_state, train.stack_batches(local), train.step_keys(jax.random.key(0), 0, 2))
+    assert metrics["loss"].shape == (2, 2)  # (local devices, steps)
     config = ml_collections.ConfigDict({"keep_checkpoints": 2})
     manager = train.create_checkpoint_manager(os.path.join(out_dir, "checkpoints"), config)
     train.save_checkpoint(manager, 2, p_state, _Position(f"process {pid}"), {"best_val_dice": None}, None)
@@ -347,6 +402,7 @@ def get_config():
     c.epochs = 2
     c.steps_per_epoch = 3
     c.checkpoint_every = 2
+    c.steps_per_call = 2  # calls of 2 steps where they fit, single steps around step 3 (epoch end)
     c.keep_checkpoints = 10
     c.log_every = 1
     c.progress_bar = False
