@@ -162,6 +162,7 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
         config.eval_batch_size = 4
         config.epochs = 1
         config.steps_per_epoch = 4
+        config.steps_per_call = 1  # one program to compile (calls of several steps: tests/test_train.py)
         config.optim.flat_epochs = 0
         config.progress_bar = False
         for key, value in data_overrides.items():
