@@ -149,9 +149,9 @@ def test_convert_weights_cli_roundtrip(tmp_path, torch_reference, monkeypatch):
                                                  decoder_merge_policy="cat").eval())
     path = tmp_path / "fpn.pth"
     torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in tm.state_dict().items()}}, path)
-    out = convert_weights.main(["--weights", str(path), "--arch", "fpn", "--encoder", "efficientnet-b0",
-                                "--in_channels", "1", "--decoder_merge_policy", "cat", "--dropout", "0.2",
-                                "--normalize", "0.3439,0.0383", "--out", str(tmp_path / "export")])
+    convert_weights.main(["--weights", str(path), "--arch", "fpn", "--encoder", "efficientnet-b0",
+                          "--in_channels", "1", "--decoder_merge_policy", "cat", "--dropout", "0.2",
+                          "--normalize", "0.3439,0.0383", "--out", str(tmp_path / "export")])
     monkeypatch.chdir(tmp_path)  # relative paths load too (orbax itself wants absolute ones)
     module, variables, spec = load_model("export")
     assert spec["decoder_merge_policy"] == "cat" and spec["normalize"] == {"mean": 0.3439, "std": 0.0383}
