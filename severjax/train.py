@@ -45,7 +45,7 @@ AXIS = "batch"
 ARCHS = ("unet", "fpn", "classifier")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # config.steps_per_call = 0: steps a call by backend. CPU: 3 (see train_steps: the scratch buffer's page
-# faults); accelerators keep 1 (a longer program compiles longer and buys them nothing measured here).
+# faults); accelerators keep 1 (a longer program compiles longer; no gain there was measured, no GPU here).
 AUTO_STEPS_PER_CALL = {"cpu": 3}
 CPU_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 KAGGLE_HINT = (
