@@ -579,6 +579,10 @@ def test_bad_configs_fail_before_compiling_with_clear_messages(tmp_path):
     with pytest.raises(ValueError, match="config.model.dtype='float16'"):
         validate_config(config, device_count=1)
     config.model.dtype = "float32"
+    config.steps_per_call = -1
+    with pytest.raises(ValueError, match=r"config.steps_per_call=-1: must be >= 0"):
+        validate_config(config, device_count=1)
+    config.steps_per_call = 0
     config.model.arch = "classifier"  # keeps the segmentation loss weights 0.6 / 0.4: refused
     with pytest.raises(ValueError, match=r"config.loss.dice_weight=0.4.*classifier's loss is bce_weight \* BCE"):
         validate_config(config, device_count=1)
