@@ -182,4 +182,7 @@ def main(argv=None) -> list[harness.Result]:
 
 
 if __name__ == "__main__":
+    from severjax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

@@ -23,6 +23,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import Result, print_table, time_fn, torch_setup, write_json  # noqa: E402
+from severjax import hostmem  # noqa: E402
 
 DEFAULT_MODELS = ("fpn:efficientnet-b5", "unet:se_resnext50_32x4d")
 
@@ -50,6 +51,7 @@ def main(argv=None) -> list[Result]:
 
     print(f"batch {args.batch} x {args.size[0]}x{args.size[1]}x1, jax {jax.default_backend()}, "
           f"torch threads {torch.get_num_threads()}, median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    print(hostmem.huge_pages_status(), flush=True)
     rows = []
     for spec in args.models:
         arch, encoder = spec.split(":")
@@ -120,4 +122,5 @@ def _row(item, jax_timing, ref_timing) -> Result:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

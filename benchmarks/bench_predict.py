@@ -239,4 +239,7 @@ def _best_interleaved(fns, repeats: int) -> list[float]:
 
 
 if __name__ == "__main__":
+    from severjax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

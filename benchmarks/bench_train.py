@@ -9,8 +9,10 @@ forward, 0.6 * BCE + 0.4 * (1 - soft Dice over the batch), backward, two-group R
 weight decay (torch: ``torch.optim.RAdam(decoupled_weight_decay=True)``). The JAX side runs as the
 trainer does: ``severjax.train.train_steps`` under ``jit`` on one device, ``config.steps_per_call``
 steps a call (0 = the backend's choice: 3 on CPU; the first call, compiling, is reported apart); the
-PyTorch side runs as many steps a call. Timed calls alternate JAX / PyTorch so both see the same machine
-load. Prints images/s (wall) and process CPU time per step of each, and the ratio JAX / PyTorch,
+PyTorch side runs as many steps a call. Each side's calls run back to back (warm-up, then the timed
+calls), as a training loop makes them; ``--interleave`` alternates the timed calls instead, for a shared
+machine whose load drifts (on a VM that hands freed memory back to its host this charges JAX for
+PyTorch's turn: see ``harness.time_pair``). Prints images/s (wall) and process CPU time per step of each, and the ratio JAX / PyTorch,
 measured in the same run.
 """
 
@@ -29,6 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
+from severjax import hostmem  # noqa: E402
 
 
 def main(argv=None) -> dict[str, float]:
@@ -41,6 +44,8 @@ def main(argv=None) -> dict[str, float]:
                         help="JAX steps a call (default: the config's, 0 = 3 on CPU); PyTorch runs as many")
     parser.add_argument("--dtype", default=None, help="JAX compute dtype (default: the config's)")
     parser.add_argument("--skip_torch", action="store_true", help="time the JAX step only")
+    parser.add_argument("--interleave", action="store_true",
+                        help="alternate the JAX and PyTorch timed calls (default: each side's back to back)")
     args = parser.parse_args(argv)
 
     config = _load_config(args.config)
@@ -51,25 +56,37 @@ def main(argv=None) -> dict[str, float]:
     image = rng.normal(size=(args.batch, h, w, 1)).astype(np.float32)
     mask = (rng.random((args.batch, h, w, 4)) < 0.05).astype(np.float32)
     print(f"{config.model.arch}/{config.model.encoder} crop {h}x{w} batch {args.batch}, "
-          f"{args.steps} timed calls each after {args.warmup} warm-up, JAX and PyTorch calls alternated "
-          "so that both see the same machine load", flush=True)
+          f"{args.steps} timed calls each after {args.warmup} warm-up, "
+          + ("JAX and PyTorch calls alternated" if args.interleave else "each side's calls back to back"), flush=True)
+    print(hostmem.huge_pages_status(), flush=True)
 
     jax_call, _, compile_s, k = harness.jax_train_call(config, image, mask, args.steps_per_call)
     print(f"jax: {k} steps a call (severjax.train.train_steps), compiled in {compile_s:.1f} s", flush=True)
     calls = {"jax": lambda: harness.block(jax_call())}
     if not args.skip_torch:
         calls["torch"] = harness.repeat_calls(_torch_step(config, image, mask), k)
-    for _ in range(args.warmup):
-        for call in calls.values():
-            call()
     wall = {name: 0.0 for name in calls}
     cpu = {name: 0.0 for name in calls}
-    for _ in range(args.steps):
+
+    def timed(name: str) -> None:
+        w0, c0 = time.perf_counter(), time.process_time()
+        calls[name]()
+        wall[name] += time.perf_counter() - w0
+        cpu[name] += time.process_time() - c0
+
+    if args.interleave:
+        for _ in range(args.warmup):
+            for call in calls.values():
+                call()
+        for _ in range(args.steps):
+            for name in calls:
+                timed(name)
+    else:
         for name, call in calls.items():
-            w0, c0 = time.perf_counter(), time.process_time()
-            call()
-            wall[name] += time.perf_counter() - w0
-            cpu[name] += time.process_time() - c0
+            for _ in range(args.warmup):
+                call()
+            for _ in range(args.steps):
+                timed(name)
     results = {}
     steps = args.steps * k
     for name in calls:
@@ -112,4 +129,5 @@ def _load_config(path: str):
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

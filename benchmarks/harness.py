@@ -3,7 +3,7 @@
 ``time_fn(fn, *args)`` calls ``fn`` once (timed apart: for a jit function that is the compile), then
 ``warmup - 1`` more untimed calls, then ``repeats`` timed calls, blocking on JAX outputs each time; it returns
 a ``Timing`` (median, min, max, quartiles, first call, median process CPU time). ``time_pair`` times two
-callables alternately, so that both see the same machine load. ``torch_setup()`` gives the PyTorch reference
+callables, each side's calls back to back (or alternately, ``interleave=True``). ``torch_setup()`` gives the PyTorch reference
 every core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1
 means severjax is faster; ``cpu_ratio`` the same for CPU seconds); ``print_table`` and ``write_json`` show and
 store rows. ``peak_rss`` measures a call's peak resident memory above the memory in use before it (Linux:
@@ -77,30 +77,49 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     return _timing(samples, first, cpu)
 
 
-def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int = 5, warmup: int = 1
-              ) -> tuple[Timing, Timing]:
-    """Times two zero-argument callables like ``time_fn``, but alternately (a, b, a, b, ...).
+def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
+              interleave: bool = False) -> tuple[Timing, Timing]:
+    """Times two zero-argument callables like ``time_fn``: both first calls (the compiles) first, then each
+    side's calls back to back - ``warmup`` untimed, ``repeats`` timed - a's block, then b's.
 
-    On a shared machine the load drifts; interleaving makes both sides see the same drift, so their
-    ratio is steadier than that of two back-to-back ``time_fn`` runs.
+    Back to back, because that is how a training or prediction loop calls either side, and because
+    alternating charges each side for the other's memory habits. On a VM whose balloon hands free memory
+    back to the host (this project's 2-core machines), the scratch buffer XLA frees at the end of a call
+    goes back to the host while the other side runs, and the next JAX call pays a host fault per page:
+    FPN-b5 train step (batch 2, huge pages on) 0.67-0.68 s right after another call, 1.7-2.1 s after 2.5 s
+    idle. ``interleave=True`` alternates the timed calls (a, b, a, b, ...) instead: both sides then see
+    the same drift of a shared machine's load.
     """
     if repeats < 1 or warmup < 1:
         raise ValueError(f"repeats={repeats}, warmup={warmup}: both must be >= 1")
+    fns = (fn_a, fn_b)
     firsts = []
-    for fn in (fn_a, fn_b):
+    for fn in fns:
         start = time.perf_counter()
         block(fn())
         firsts.append(time.perf_counter() - start)
-        for _ in range(warmup - 1):
-            block(fn())
     samples: list[list[float]] = [[], []]
     cpu: list[list[float]] = [[], []]
-    for _ in range(repeats):
-        for k, fn in enumerate((fn_a, fn_b)):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            block(fn())
-            samples[k].append(time.perf_counter() - start)
-            cpu[k].append(time.process_time() - start_cpu)
+
+    def timed(k: int) -> None:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        block(fns[k]())
+        samples[k].append(time.perf_counter() - start)
+        cpu[k].append(time.process_time() - start_cpu)
+
+    if interleave:
+        for _ in range(warmup - 1):
+            for fn in fns:
+                block(fn())
+        for _ in range(repeats):
+            timed(0)
+            timed(1)
+    else:
+        for k, fn in enumerate(fns):
+            for _ in range(warmup):
+                block(fn())
+            for _ in range(repeats):
+                timed(k)
     return tuple(_timing(s, f, c) for s, f, c in zip(samples, firsts, cpu))  # type: ignore[return-value]
 
 
@@ -306,10 +325,14 @@ def write_json(rows: Iterable[Result], path: str, **meta: Any) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, core count, load average, library versions and the severjax commit (``+dirty`` when
-    severjax/ has uncommitted changes): what a reader needs to compare runs."""
+    """CPU model, core count, load average, library versions, whether malloc asks for huge pages
+    (``severjax.hostmem``) and the severjax commit (``+dirty`` when severjax/ has uncommitted changes): what a
+    reader needs to compare runs."""
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "cpu": _cpu_model(), "platform": platform.platform(), "commit": _git_commit()}
+    from severjax import hostmem
+
+    info["host_memory"] = hostmem.huge_pages_status()
     try:
         info["loadavg"] = os.getloadavg()
     except OSError:

@@ -789,6 +789,9 @@ if __name__ == "__main__":
 
     from absl import app
 
+    from severjax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     check_overrides(sys.argv[1:])
     _define_flags()
     app.run(_main)

@@ -210,4 +210,7 @@ def _join(values) -> str:
 
 
 if __name__ == "__main__":
+    from severjax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

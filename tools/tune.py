@@ -375,6 +375,9 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 if __name__ == "__main__":
+    from severjax import hostmem
+
+    hostmem.reexec_with_huge_pages()  # first: it restarts the process
     try:
         main()
     except (FileNotFoundError, ValueError, KeyError) as err:
