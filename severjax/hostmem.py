@@ -49,12 +49,20 @@ def tunables_with_huge_pages(current: str) -> str | None:
     return ":".join(entries + [f"{TUNABLE}=1"])
 
 
+def _tunable_value() -> str | None:
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return next((e.split("=", 1)[1] for e in tunables.split(":") if e.startswith(TUNABLE + "=")), None)
+
+
+def huge_pages_on() -> bool:
+    """Whether this process's malloc asks for huge pages: the tunable set (not 0) and THP not ``never``."""
+    return _tunable_value() not in (None, "0") and thp_mode() in ("always", "madvise")
+
+
 def huge_pages_status() -> str:
     """One line for logs and benchmark records: whether this process runs with the tunable, and the THP mode."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    value = next((e.split("=", 1)[1] for e in tunables.split(":") if e.startswith(TUNABLE + "=")), None)
-    state = "on" if value not in (None, "0") else "off"
-    return f"host huge pages {state} ({TUNABLE}={value or 'unset'}, THP {thp_mode() or 'unknown'})"
+    return (f"host huge pages {'on' if huge_pages_on() else 'off'} ({TUNABLE}={_tunable_value() or 'unset'}, "
+            f"THP {thp_mode() or 'unknown'})")
 
 
 def reexec_with_huge_pages() -> None:

@@ -283,8 +283,10 @@ def test_calls_never_straddle_an_epoch_end_or_a_checkpoint():
     assert sum(cuts(0, 20)) == 20 and cuts(8, 20) == cuts(0, 20)[4:]  # resuming at step 8
     assert cuts(0, 7, per_call=1) == [1] * 7
     assert cuts(0, 12, per_call=4, periods=(12,)) == [4, 4, 4]
-    assert resolve_steps_per_call(0, "cpu") == 3 and resolve_steps_per_call(0, "gpu") == 1
-    assert resolve_steps_per_call(2, "cpu") == 2
+    assert resolve_steps_per_call(0, "cpu", huge_pages=False) == 3
+    assert resolve_steps_per_call(0, "cpu", huge_pages=True) == 1
+    assert resolve_steps_per_call(0, "gpu", huge_pages=False) == 1
+    assert resolve_steps_per_call(2, "cpu", huge_pages=True) == 2
 
 
 # ------------------------------------------------------------------------------- multi-process
