@@ -8,8 +8,8 @@ model of the same arch/encoder (random weights) - and times full training steps 
 forward, 0.6 * BCE + 0.4 * (1 - soft Dice over the batch), backward, two-group RAdam with decoupled
 weight decay (torch: ``torch.optim.RAdam(decoupled_weight_decay=True)``). The JAX side runs as the
 trainer does: ``severjax.train.train_steps`` under ``jit`` on one device, ``config.steps_per_call``
-steps a call (0 = the backend's choice: 3 on CPU; the first call, compiling, is reported apart); the
-PyTorch side runs as many steps a call. Each side's calls run back to back (warm-up, then the timed
+steps a call (0 = the trainer's choice, ``train.resolve_steps_per_call``; the first call, compiling, is
+reported apart); the PyTorch side runs as many steps a call. Each side's calls run back to back (warm-up, then the timed
 calls), as a training loop makes them; ``--interleave`` alternates the timed calls instead, for a shared
 machine whose load drifts (on a VM that hands freed memory back to its host this charges JAX for
 PyTorch's turn: see ``harness.time_pair``). Prints images/s (wall) and process CPU time per step of each, and the ratio JAX / PyTorch,
@@ -41,7 +41,8 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=5, help="timed calls of each")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (allocator)")
     parser.add_argument("--steps_per_call", type=int, default=None,
-                        help="JAX steps a call (default: the config's, 0 = 3 on CPU); PyTorch runs as many")
+                        help="JAX steps a call (default: the config's; 0 = 1, or 3 on a CPU without huge "
+                             "pages); PyTorch runs as many")
     parser.add_argument("--dtype", default=None, help="JAX compute dtype (default: the config's)")
     parser.add_argument("--skip_torch", action="store_true", help="time the JAX step only")
     parser.add_argument("--interleave", action="store_true",

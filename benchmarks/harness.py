@@ -3,8 +3,8 @@
 ``time_fn(fn, *args)`` calls ``fn`` once (timed apart: for a jit function that is the compile), then
 ``warmup - 1`` more untimed calls, then ``repeats`` timed calls, blocking on JAX outputs each time; it returns
 a ``Timing`` (median, min, max, quartiles, first call, median process CPU time). ``time_pair`` times two
-callables, each side's calls back to back (or alternately, ``interleave=True``). ``torch_setup()`` gives the PyTorch reference
-every core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1
+callables, each side's calls back to back (or alternately, ``interleave=True``). ``torch_setup()`` gives the
+PyTorch reference every core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1
 means severjax is faster; ``cpu_ratio`` the same for CPU seconds); ``print_table`` and ``write_json`` show and
 store rows. ``peak_rss`` measures a call's peak resident memory above the memory in use before it (Linux:
 resets ``VmHWM`` through ``/proc/self/clear_refs``).

@@ -25,10 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2  # latest K periodic checkpoints, plus the best by val dice
     config.log_every = 20  # steps between TensorBoard scalars
     # optimizer steps run by one device call (unrolled into one XLA program; calls never straddle an epoch
-    # end or a checkpoint). 0 = by backend: 3 on CPU, where XLA faults its whole scratch buffer in again at
-    # every call (FPN-b5 on 2 cores: 0.81 s a step instead of 1.02 s), 1 on GPU/TPU. More steps a call
-    # compile longer and need more memory (XLA's peak at 3 against 1, batch 2: FPN-b5 2.05 against
-    # 1.79 GB, Unet-sx50 1.79 against 1.24 GB).
+    # end or a checkpoint). 0 = 1, except 3 on a CPU whose malloc gets no huge pages (severjax.hostmem):
+    # there XLA faults its whole scratch buffer in again at every call, 4 KiB at a time (FPN-b5 on 2 cores:
+    # 0.81 s a step at 3 instead of 1.02 s at 1; with huge pages 0.69 s at 1). More steps a call compile
+    # longer and need more memory (XLA's peak at 3 against 1, batch 2: FPN-b5 2.05 against 1.79 GB,
+    # Unet-sx50 1.79 against 1.24 GB).
     config.steps_per_call = 0
     config.progress_bar = True
     config.init_weights = ""  # "" or an exported model dir (tools/convert_weights.py output)

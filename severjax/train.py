@@ -2,7 +2,8 @@
 
 One pure step ``train_step(state, batch, rng) -> (state, metrics)`` pmapped over the local devices
 (axis ``"batch"``): gradients ``pmean``'d, BatchNorm statistics ``pmean``'d after the step, one dropout
-key a device; ``train_steps`` runs ``config.steps_per_call`` of them in one device call (3 on CPU).
+key a device; ``train_steps`` runs ``config.steps_per_call`` of them in one device call (3 on a CPU without
+huge pages, else 1).
 Every ``config.checkpoint_every`` steps and at each epoch end the train state, the input pipeline's
 position and the loop's bookkeeping go to an orbax ``CheckpointManager`` in
 ``<workdir>/checkpoints`` (the latest ``keep_checkpoints`` plus the best by validation score); a
