@@ -11,8 +11,8 @@ prediction loop makes them - see ``harness.time_pair`` for why not alternated; c
 * ``train step``: the same models and crops, batch 2: ``severjax.train.train_steps`` under ``jit``, in calls of
   ``config.steps_per_call`` steps as the trainer runs them (1 with huge pages, see ``severjax.hostmem``),
   against as many steps of forward + 0.6 BCE + 0.4 soft Dice + backward + two-group RAdam in PyTorch; times
-  are per step. Memory: XLA's memory analysis of the compiled step (arguments + outputs - donated aliases + temporaries) and the resident-memory rise of one
-  step for both (``harness.peak_rss``).
+  are per step. Memory: XLA's memory analysis of the compiled step (arguments + outputs - donated aliases +
+  temporaries) and the resident-memory rise of one step for both (``harness.peak_rss``).
 * ``full image TTA``: one 256x1600 image, identity + horizontal flip, sigmoid, flip undone, views averaged
   (``severjax.predict.ensemble.tta_probabilities``) against the same in PyTorch.
 * ``postprocess+RLE``: per image, what ``predict_images`` does after the model, from probabilities already on
