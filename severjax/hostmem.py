@@ -38,30 +38,36 @@ def thp_mode(path: str = THP_SYSFS) -> str | None:
     return None
 
 
+def can_use_huge_pages() -> bool:
+    """Whether the tunable can work here: Linux, glibc, and transparent huge pages not ``never``."""
+    return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+            and thp_mode() in ("always", "madvise"))
+
+
+def _tunable_value(tunables: str) -> str | None:
+    """The value ``GLIBC_TUNABLES``-style text gives ``glibc.malloc.hugetlb``; None if it names it not."""
+    return next((e.split("=", 1)[1] for e in tunables.split(":") if e.split("=", 1)[0] == TUNABLE), None)
+
+
 def tunables_with_huge_pages(current: str) -> str | None:
     """``GLIBC_TUNABLES`` with ``glibc.malloc.hugetlb=1`` added; None when it already names that tunable.
 
     A value the user chose (``=0`` included) is kept: None tells the caller to leave the process alone.
     """
-    entries = [e for e in current.split(":") if e]
-    if any(e.split("=", 1)[0] == TUNABLE for e in entries):
+    if _tunable_value(current) is not None:
         return None
-    return ":".join(entries + [f"{TUNABLE}=1"])
-
-
-def _tunable_value() -> str | None:
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    return next((e.split("=", 1)[1] for e in tunables.split(":") if e.startswith(TUNABLE + "=")), None)
+    return ":".join([e for e in current.split(":") if e] + [f"{TUNABLE}=1"])
 
 
 def huge_pages_on() -> bool:
-    """Whether this process's malloc asks for huge pages: the tunable set (not 0) and THP not ``never``."""
-    return _tunable_value() not in (None, "0") and thp_mode() in ("always", "madvise")
+    """Whether this process's malloc asks for huge pages: the tunable set (not 0) where it can work."""
+    return _tunable_value(os.environ.get("GLIBC_TUNABLES", "")) not in (None, "0") and can_use_huge_pages()
 
 
 def huge_pages_status() -> str:
     """One line for logs and benchmark records: whether this process runs with the tunable, and the THP mode."""
-    return (f"host huge pages {'on' if huge_pages_on() else 'off'} ({TUNABLE}={_tunable_value() or 'unset'}, "
+    value = _tunable_value(os.environ.get("GLIBC_TUNABLES", ""))
+    return (f"host huge pages {'on' if huge_pages_on() else 'off'} ({TUNABLE}={value or 'unset'}, "
             f"THP {thp_mode() or 'unknown'})")
 
 
@@ -73,9 +79,7 @@ def reexec_with_huge_pages() -> None:
     restarting where the tunable cannot help or is already decided, and when the command line cannot be
     replayed (``python -`` reading a script from stdin).
     """
-    if os.environ.get(OPT_OUT_ENV, "1") == "0" or not sys.platform.startswith("linux"):
-        return
-    if platform.libc_ver()[0] != "glibc" or thp_mode() not in ("always", "madvise"):
+    if os.environ.get(OPT_OUT_ENV, "1") == "0" or not can_use_huge_pages():
         return
     tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))
     argv = list(getattr(sys, "orig_argv", []))
