@@ -87,6 +87,27 @@ def test_pointwise_conv_gradients_match_plain_dot():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,out", [((2, 5, 7, 6), 4), ((1, 1, 3, 2), 5)])
+def test_conv3x3_taps_matches_torch_values_and_gradients(shape, out):
+    # a 3x3 conv as one matmul of the nine taps + a shifted sum, with its own gather-form gradient
+    x = RNG.randn(*shape).astype(np.float32)
+    gy = RNG.randn(*shape[:3], out).astype(np.float32)
+    conv = layers.Conv2d(out, 3, padding=1, cpu_taps=True)
+    params = conv.init(jax.random.PRNGKey(2), x)["params"]
+    y, (dx, dp) = jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(conv.apply({"params": p}, x) * gy), argnums=(0, 1)))(
+        x, params)
+    tx = _nchw(x).requires_grad_(True)
+    tw = torch.from_numpy(np.ascontiguousarray(np.asarray(params["kernel"]).transpose(3, 2, 0, 1))).requires_grad_(True)
+    tb = torch.from_numpy(np.array(params["bias"])).requires_grad_(True)
+    ref = (F.conv2d(tx, tw, tb, padding=1) * _nchw(gy)).sum()
+    ref.backward()
+    np.testing.assert_allclose(y, ref.item(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dx, _nhwc(tx.grad), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dp["kernel"], tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(conv.apply({"params": params}, x), layers.Conv2d(out, 3, padding=1).apply(
+        {"params": params}, x), rtol=1e-5, atol=1e-5)
+
+
 def test_conv2d_1x1_gradients_match_torch():
     # 1x1 convs run as a dot with a hand-written gradient on CPU (layers.pointwise_conv2d): check it end to end
     x = RNG.randn(2, 5, 7, 12).astype(np.float32)

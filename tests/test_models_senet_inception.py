@@ -198,8 +198,8 @@ def test_max_pool_ceil_gradient_matches_torch(torch_reference, shape):
 @pytest.mark.parametrize("shape,skip_channels,train", [
     ((2, 4, 6, 8), 5, False), ((1, 3, 5, 6), 0, True), ((2, 5, 4, 12), 3, True),
 ])
-def test_upsample_concat_conv_subpixel_matches_plain(shape, skip_channels, train):
-    # conv3x3(concat(upsample2x(x), skip)) as four 2x2 convs of x + the skip's conv: values and gradients.
+def test_upsample_concat_conv_taps_matches_plain(shape, skip_channels, train):
+    # conv3x3(concat(upsample2x(x), skip)) as x's tap products at low resolution + the skip's conv: values, gradients.
     from severjax.models.unet import UpsampleConcatConv
 
     rng = np.random.RandomState(9)
@@ -207,19 +207,19 @@ def test_upsample_concat_conv_subpixel_matches_plain(shape, skip_channels, train
     x = jnp.asarray(rng.randn(*shape), jnp.float32)
     skip = jnp.asarray(rng.randn(b, 2 * h, 2 * w, skip_channels), jnp.float32) if skip_channels else None
     gy = jnp.asarray(rng.randn(b, 2 * h, 2 * w, 7), jnp.float32)
-    mods = {impl: UpsampleConcatConv(7, impl=impl) for impl in ("plain", "subpixel", "auto")}
+    mods = {impl: UpsampleConcatConv(7, impl=impl) for impl in ("plain", "taps", "auto")}
     variables = mods["plain"].init(jax.random.PRNGKey(0), x, (2 * h, 2 * w), skip)
     outs = {impl: jax.jit(jax.value_and_grad(
         lambda v, x, s, m=m: jnp.sum(m.apply(v, x, (2 * h, 2 * w), s, train) * gy), argnums=(0, 1, 2)))(
             variables, x, skip) for impl, m in mods.items()}
-    for impl in ("subpixel", "auto"):
+    for impl in ("taps", "auto"):
         for got, want in zip(jax.tree_util.tree_leaves(outs[impl]), jax.tree_util.tree_leaves(outs["plain"])):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # sizes that are not exactly twice the input: "auto" upsamples by index (plain), "subpixel" refuses
+    # sizes that are not exactly twice the input: "auto" upsamples by index (plain), "taps" refuses
     y = mods["auto"].apply(variables, x, (2 * h - 1, 2 * w), None if skip is None else skip[:, :-1])
     assert y.shape == (b, 2 * h - 1, 2 * w, 7)
-    with pytest.raises(ValueError, match="subpixel needs size twice"):
-        mods["subpixel"].apply(variables, x, (2 * h - 1, 2 * w), None if skip is None else skip[:, :-1])
+    with pytest.raises(ValueError, match="taps needs size twice"):
+        mods["taps"].apply(variables, x, (2 * h - 1, 2 * w), None if skip is None else skip[:, :-1])
 
 
 def _bf16_check(module, x, **kw):
