@@ -7,7 +7,7 @@ prediction loop makes them - see ``harness.time_pair`` for why not alternated; c
 
 * ``forward``: FPN/efficientnet-b5 at 256x416 and Unet/se_resnext50_32x4d at 256x448, batch 2, eval mode,
   against the segmentation_models_pytorch model of the same arch/encoder; FLOPs from XLA's cost analysis,
-  achieved GFLOP/s of both and the share of the CPU's estimated peak (``bench_flops.cpu_peak_flops``).
+  achieved GFLOP/s of both and the share of the CPU's peak (``bench_flops.machine_peak``).
 * ``train step``: the same models and crops, batch 2: ``severjax.train.train_steps`` under ``jit``, in calls of
   ``config.steps_per_call`` steps as the trainer runs them (1 with huge pages, see ``severjax.hostmem``),
   against as many steps of forward + 0.6 BCE + 0.4 soft Dice + backward + two-group RAdam in PyTorch; times
@@ -81,10 +81,10 @@ def main(argv=None) -> list[Result]:
     models = args.models or (["fpn-b5"] if args.quick else list(MODEL_CONFIGS))
     harness.torch_setup(args.ref_threads)
     _quiet_libraries()
-    peak = bench_flops.cpu_peak_flops()
+    peak = bench_flops.machine_peak()
     start = time.perf_counter()
     print(f"machine: {harness.machine_info()}", flush=True)
-    print(f"peak estimate: {peak.flops_per_s / 1e9:.0f} GFLOP/s = {peak.how}", flush=True)
+    print(f"peak: {peak.flops_per_s / 1e9:.0f} GFLOP/s = {peak.how}", flush=True)
 
     rows: list[Result] = []
 
