@@ -222,9 +222,11 @@ def conv3x3_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``Conv2d(3x3, padding=1, stride=1, bias=False)`` on NHWC as :func:`tap_products` plus a shifted sum.
 
     The same multiply-adds as a direct convolution, but on XLA:CPU its gradient (two dots and a shifted sum)
-    beats the convolution's for few output channels: Unet's 16->4 head at 2x256x416, backward 4.8 against
-    13.1 ms and forward 5.7 against 6.6 ms. For wide outputs the ``9 * out`` products cost more memory
-    traffic than they save (16->16 at the same size: forward 24.5 against 4.7 ms).
+    can beat the convolution's. Alone, Unet's 16->4 head at 2x256x416: backward 4.8 against 13.1 ms, forward
+    5.7 against 6.6 ms; inside the whole Unet-sx50 train step only the forward gain showed, so Unet uses it
+    for inference. Unet's skip convolutions (64-1024 -> 32-256 channels) gain in training (see
+    ``unet.UpsampleConcatConv``). For wide outputs at high resolution the ``9 * out`` products cost more
+    memory traffic than they save (16->16 at 2x256x416: forward 24.5 against 4.7 ms).
     """
     return shifted_tap_sum(tap_products(x, kernel), _CONV3X3_OFFSETS)[0]
 
