@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -66,28 +65,9 @@ def main(argv=None) -> dict[str, float]:
     calls = {"jax": lambda: harness.block(jax_call())}
     if not args.skip_torch:
         calls["torch"] = harness.repeat_calls(_torch_step(config, image, mask), k)
-    wall = {name: 0.0 for name in calls}
-    cpu = {name: 0.0 for name in calls}
-
-    def timed(name: str) -> None:
-        w0, c0 = time.perf_counter(), time.process_time()
-        calls[name]()
-        wall[name] += time.perf_counter() - w0
-        cpu[name] += time.process_time() - c0
-
-    if args.interleave:
-        for _ in range(args.warmup):
-            for call in calls.values():
-                call()
-        for _ in range(args.steps):
-            for name in calls:
-                timed(name)
-    else:
-        for name, call in calls.items():
-            for _ in range(args.warmup):
-                call()
-            for _ in range(args.steps):
-                timed(name)
+    samples, cpu_samples = harness.run_timed(list(calls.values()), args.warmup, args.steps, args.interleave)
+    wall = {name: sum(x) for name, x in zip(calls, samples)}
+    cpu = {name: sum(x) for name, x in zip(calls, cpu_samples)}
     results = {}
     steps = args.steps * k
     for name in calls:

@@ -66,14 +66,7 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     start = time.perf_counter()
     block(fn(*args, **kwargs))
     first = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        block(fn(*args, **kwargs))
-    samples, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        block(fn(*args, **kwargs))
-        samples.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
+    (samples,), (cpu,) = run_timed([lambda: fn(*args, **kwargs)], warmup - 1, repeats, interleave=False)
     return _timing(samples, first, cpu)
 
 
@@ -98,8 +91,19 @@ def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int 
         start = time.perf_counter()
         block(fn())
         firsts.append(time.perf_counter() - start)
-    samples: list[list[float]] = [[], []]
-    cpu: list[list[float]] = [[], []]
+    samples, cpu = run_timed(fns, warmup - 1 if interleave else warmup, repeats, interleave)
+    return tuple(_timing(s, f, c) for s, f, c in zip(samples, firsts, cpu))  # type: ignore[return-value]
+
+
+def run_timed(fns: Sequence[Callable[[], Any]], untimed: int, repeats: int, interleave: bool
+              ) -> tuple[list[list[float]], list[list[float]]]:
+    """Calls each of ``fns`` ``untimed`` times, then ``repeats`` timed times: each function's calls back to
+    back, or with ``interleave`` in rounds (all untimed rounds, then the timed ones: a, b, a, b, ...).
+
+    Returns the wall and process-CPU seconds of the timed calls, one list per function.
+    """
+    samples: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
 
     def timed(k: int) -> None:
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -108,19 +112,19 @@ def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int 
         cpu[k].append(time.process_time() - start_cpu)
 
     if interleave:
-        for _ in range(warmup - 1):
+        for _ in range(untimed):
             for fn in fns:
                 block(fn())
         for _ in range(repeats):
-            timed(0)
-            timed(1)
+            for k in range(len(fns)):
+                timed(k)
     else:
         for k, fn in enumerate(fns):
-            for _ in range(warmup):
+            for _ in range(untimed):
                 block(fn())
             for _ in range(repeats):
                 timed(k)
-    return tuple(_timing(s, f, c) for s, f, c in zip(samples, firsts, cpu))  # type: ignore[return-value]
+    return samples, cpu
 
 
 def _timing(samples: Sequence[float], first: float, cpu: Sequence[float]) -> Timing:
