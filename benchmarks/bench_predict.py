@@ -26,8 +26,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+
+import harness  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORMALIZE = {"mean": 0.3439, "std": 0.196}
@@ -229,13 +232,8 @@ def _data(workdir: str, n: int) -> str:
 def _best_interleaved(fns, repeats: int) -> list[float]:
     """Best wall time of each function over ``repeats`` rounds, the functions taking turns in each round
     (so that the load of a shared machine hits both sides alike)."""
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+    samples, _ = harness.run_timed(fns, 0, repeats, interleave=True)
+    return [min(s) for s in samples]
 
 
 if __name__ == "__main__":
