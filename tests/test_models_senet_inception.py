@@ -162,20 +162,22 @@ def test_gradients_under_jit_match_torch(torch_reference, name):
     ((2, 9, 10, 128), 32, 1, 1), ((1, 9, 10, 128), 32, 2, 1),  # 4 channels a group: four blocks of 8 groups
     ((1, 6, 7, 96), 3, 1, 1),  # 32 channels a group: one group a block
 ])
-def test_grouped_conv_cpu_path_matches_native(shape, groups, stride, padding):
+def test_grouped_conv_cpu_paths_match_native(shape, groups, stride, padding):
     rng = np.random.RandomState(5)
     x = jnp.asarray(rng.randn(*shape), jnp.float32)
     w = jnp.asarray(rng.randn(3, 3, shape[-1] // groups, shape[-1]), jnp.float32)
     pad = ((padding, padding),) * 2
     f = {impl: functools.partial(grouped_conv2d, stride=(stride, stride), padding=pad, groups=groups, impl=impl)
-         for impl in ("native", "cpu")}
+         for impl in ("native", "cpu", "taps")}
     y = f["native"](x, w)
-    np.testing.assert_allclose(jax.jit(f["cpu"])(x, w), y, rtol=1e-5, atol=2e-5)
+    for impl in ("cpu", "taps"):
+        np.testing.assert_allclose(jax.jit(f[impl])(x, w), y, rtol=1e-5, atol=2e-5, err_msg=impl)
     gy = jnp.asarray(rng.randn(*y.shape), jnp.float32)
     grads = {impl: jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w) * gy), argnums=(0, 1)))(x, w)
              for impl, fn in f.items()}
-    for a, b in zip(grads["cpu"], grads["native"]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for impl in ("cpu", "taps"):
+        for a, b in zip(grads[impl], grads["native"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=impl)
 
 
 @pytest.mark.parametrize("shape", [(2, 9, 11, 3), (1, 8, 8, 2), (1, 12, 17, 2)])
@@ -284,3 +286,13 @@ def test_model_parity_fpn_add_se_resnext50(torch_reference):
 @pytest.mark.parametrize("arch", ["unet", "fpn"])
 def test_model_parity_se_resnext101(torch_reference, arch):
     _check_model_parity(torch_reference, arch, "se_resnext101_32x4d")
+
+
+def test_resolve_grouped_impl_picks_taps_for_narrow_groups_in_inference_only():
+    from severjax.models.senet import resolve_grouped_impl
+
+    assert resolve_grouped_impl("auto", 4, train=False) == "taps"
+    assert resolve_grouped_impl("auto", 8, train=False) == "taps"
+    assert resolve_grouped_impl("auto", 16, train=False) == "cpu"  # XLA's taps loop is slow there
+    assert resolve_grouped_impl("auto", 4, train=True) == "cpu"  # dense blocks' gradients are convolutions
+    assert resolve_grouped_impl("native", 4, train=False) == "native"
