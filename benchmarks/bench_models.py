@@ -1,7 +1,7 @@
 """Model speed on CPU: severjax (JAX/Flax, jit) against SMP 0.6.0 (PyTorch), same weights, same input.
 
     python benchmarks/bench_models.py [--models fpn:efficientnet-b5 unet:se_resnext50_32x4d] [--batch 2]
-                                      [--size 256 416] [--repeats 5] [--warmup 2] [--threads N] [--json out.json]
+                                      [--size 256 416] [--repeats 5] [--warmup 2] [--warmup_s 3] [--threads N] [--json out.json]
 
 For each model: forward in eval mode (torch under ``inference_mode``), and forward + backward in train mode
 (batch-statistics BatchNorm, dropout; loss ``mean(logits**2)``; JAX ``value_and_grad`` with mutable
@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import harness  # noqa: E402
 from harness import Result, print_table, time_fn, torch_setup, write_json  # noqa: E402
 from severjax import hostmem  # noqa: E402
 
@@ -34,7 +35,9 @@ def main(argv=None) -> list[Result]:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, nargs=2, default=[256, 416])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first, at least")
+    parser.add_argument("--warmup_s", type=float, default=harness.WARMUP_S,
+                        help="seconds of untimed calls, at least (see harness.WARMUP_S: the first calls are slow)")
     parser.add_argument("--dtype", default="float32", help="JAX compute dtype")
     parser.add_argument("--only", choices=("forward", "backward"), default=None)
     parser.add_argument("--threads", type=int, default=None,
@@ -50,7 +53,8 @@ def main(argv=None) -> list[Result]:
     import jax
 
     print(f"batch {args.batch} x {args.size[0]}x{args.size[1]}x1, jax {jax.default_backend()}, "
-          f"torch threads {torch.get_num_threads()}, median of {args.repeats} after {args.warmup} warm-up", flush=True)
+          f"torch threads {torch.get_num_threads()}, median of {args.repeats} after {args.warmup} warm-up calls "
+          f"and {args.warmup_s:g} s", flush=True)
     print(hostmem.huge_pages_status(), flush=True)
     rows = []
     for spec in args.models:
@@ -81,6 +85,7 @@ def bench_model(torch, arch: str, encoder: str, args) -> list[Result]:
     x, tx = jnp.asarray(x_np), torch.from_numpy(x_np.transpose(0, 3, 1, 2).copy())
     name = f"{arch}/{encoder}"
     rows = []
+    timing = {"repeats": args.repeats, "warmup": args.warmup, "warmup_s": args.warmup_s}
 
     if args.only in (None, "forward"):
         fwd = jax.jit(functools.partial(model.apply, train=False))
@@ -90,8 +95,8 @@ def bench_model(torch, arch: str, encoder: str, args) -> list[Result]:
             with torch.inference_mode():
                 return tm(tx)
 
-        rows.append(_row(f"{name} forward", time_fn(fwd, variables, x, repeats=args.repeats, warmup=args.warmup),
-                         time_fn(torch_fwd, repeats=args.repeats, warmup=args.warmup)))
+        rows.append(_row(f"{name} forward", time_fn(fwd, variables, x, **timing),
+                         time_fn(torch_fwd, **timing)))
 
     if args.only in (None, "backward"):
         def loss(params, batch_stats, x, key):
@@ -110,8 +115,8 @@ def bench_model(torch, arch: str, encoder: str, args) -> list[Result]:
             return out
 
         rows.append(_row(f"{name} fwd+bwd", time_fn(grad, variables["params"], variables["batch_stats"], x, key,
-                                                    repeats=args.repeats, warmup=args.warmup),
-                         time_fn(torch_grad, repeats=args.repeats, warmup=args.warmup)))
+                                                    **timing),
+                         time_fn(torch_grad, **timing)))
     return rows
 
 

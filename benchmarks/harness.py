@@ -1,7 +1,8 @@
 """Shared timing helpers for the benchmarks: one way to time, one table, one JSON format.
 
 ``time_fn(fn, *args)`` calls ``fn`` once (timed apart: for a jit function that is the compile), then
-``warmup - 1`` more untimed calls, then ``repeats`` timed calls, blocking on JAX outputs each time; it returns
+``warmup - 1`` more untimed calls (and more until ``warmup_s`` seconds of them, see ``WARMUP_S``), then
+``repeats`` timed calls, blocking on JAX outputs each time; it returns
 a ``Timing`` (median, min, max, quartiles, first call, median process CPU time). ``time_pair`` times two
 callables, each side's calls back to back (or alternately, ``interleave=True``). ``torch_setup()`` gives the
 PyTorch reference every core of the machine. ``Result`` is one row of the side-by-side table (``ratio = jax_s / ref_s``: below 1
@@ -29,6 +30,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+# Seconds of untimed calls before the timed ones, on top of the ``warmup`` count: a side's first calls after
+# its compile run slow while its process takes memory from the VM (on this project's 2-core machines, whose
+# balloon hands free memory back to the host). Measured, Unet-sx50 forward, batch 2, 20 calls after the
+# compile: JAX 286, 227, 223, 260, 260, 247, 222, 222, 209 ms with 44-124 ms of system time each, then
+# 188-195 ms with 0-22 ms from the 10th call (~2.5 s) on; PyTorch, first in its process, 417-250 ms over its
+# first 8 calls, then 221-246 ms. Two warm-up calls left both sides' medians in that phase.
+WARMUP_S = 3.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -52,8 +61,10 @@ class Timing:
         return {**dataclasses.asdict(self), "samples": list(self.samples)}
 
 
-def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, **kwargs: Any) -> Timing:
-    """Times ``fn(*args, **kwargs)``: first call apart, ``warmup - 1`` more untimed, then ``repeats`` timed.
+def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 1, warmup_s: float = WARMUP_S,
+            **kwargs: Any) -> Timing:
+    """Times ``fn(*args, **kwargs)``: first call apart, ``warmup - 1`` more untimed (and more until
+    ``warmup_s`` seconds of them), then ``repeats`` timed.
 
     JAX outputs are waited for (``jax.block_until_ready``) inside each timed call, so asynchronous dispatch
     is not mistaken for speed. PyTorch on CPU runs synchronously. ``cpu`` is the process CPU time of a call
@@ -66,14 +77,16 @@ def time_fn(fn: Callable[..., Any], *args: Any, repeats: int = 5, warmup: int = 
     start = time.perf_counter()
     block(fn(*args, **kwargs))
     first = time.perf_counter() - start
-    (samples,), (cpu,) = run_timed([lambda: fn(*args, **kwargs)], warmup - 1, repeats, interleave=False)
+    (samples,), (cpu,) = run_timed([lambda: fn(*args, **kwargs)], warmup - 1, repeats, interleave=False,
+                                   warmup_s=warmup_s)
     return _timing(samples, first, cpu)
 
 
 def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
-              interleave: bool = False) -> tuple[Timing, Timing]:
+              interleave: bool = False, warmup_s: float = WARMUP_S) -> tuple[Timing, Timing]:
     """Times two zero-argument callables like ``time_fn``: both first calls (the compiles) first, then each
-    side's calls back to back - ``warmup`` untimed, ``repeats`` timed - a's block, then b's.
+    side's calls back to back - ``warmup`` untimed (and more until ``warmup_s`` seconds of them), ``repeats``
+    timed - a's block, then b's.
 
     Back to back, because that is how a training or prediction loop calls either side, and because
     alternating charges each side for the other's memory habits. On a VM whose balloon hands free memory
@@ -91,14 +104,16 @@ def time_pair(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, repeats: int 
         start = time.perf_counter()
         block(fn())
         firsts.append(time.perf_counter() - start)
-    samples, cpu = run_timed(fns, warmup - 1 if interleave else warmup, repeats, interleave)
+    samples, cpu = run_timed(fns, warmup - 1 if interleave else warmup, repeats, interleave, warmup_s=warmup_s)
     return tuple(_timing(s, f, c) for s, f, c in zip(samples, firsts, cpu))  # type: ignore[return-value]
 
 
-def run_timed(fns: Sequence[Callable[[], Any]], untimed: int, repeats: int, interleave: bool
-              ) -> tuple[list[list[float]], list[list[float]]]:
+def run_timed(fns: Sequence[Callable[[], Any]], untimed: int, repeats: int, interleave: bool,
+              warmup_s: float = 0.0) -> tuple[list[list[float]], list[list[float]]]:
     """Calls each of ``fns`` ``untimed`` times, then ``repeats`` timed times: each function's calls back to
     back, or with ``interleave`` in rounds (all untimed rounds, then the timed ones: a, b, a, b, ...).
+    The untimed calls go on, past ``untimed``, until they took ``warmup_s`` seconds (each function's, back
+    to back; all rounds', interleaved).
 
     Returns the wall and process-CPU seconds of the timed calls, one list per function.
     """
@@ -111,17 +126,21 @@ def run_timed(fns: Sequence[Callable[[], Any]], untimed: int, repeats: int, inte
         samples[k].append(time.perf_counter() - start)
         cpu[k].append(time.process_time() - start_cpu)
 
-    if interleave:
-        for _ in range(untimed):
-            for fn in fns:
+    def warm(calls: Sequence[Callable[[], Any]]) -> None:
+        start, done = time.perf_counter(), 0
+        while done < untimed or time.perf_counter() - start < warmup_s:
+            for fn in calls:
                 block(fn())
+            done += 1
+
+    if interleave:
+        warm(fns)
         for _ in range(repeats):
             for k in range(len(fns)):
                 timed(k)
     else:
         for k, fn in enumerate(fns):
-            for _ in range(untimed):
-                block(fn())
+            warm([fn])
             for _ in range(repeats):
                 timed(k)
     return samples, cpu

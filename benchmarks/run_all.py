@@ -2,8 +2,9 @@
 
     python benchmarks/run_all.py [--quick] [--json out.json] [--repeats 5] [--only models postprocess ...]
 
-Rows (median of ``--repeats`` timed calls after a warm-up; each side's calls back to back, as a training or
-prediction loop makes them - see ``harness.time_pair`` for why not alternated; compile times apart):
+Rows (median of ``--repeats`` timed calls after a warm-up of at least ``harness.WARMUP_S`` seconds a side; each
+side's calls back to back, as a training or prediction loop makes them - see ``harness.time_pair`` for why not
+alternated; compile times apart):
 
 * ``forward``: FPN/efficientnet-b5 at 256x416 and Unet/se_resnext50_32x4d at 256x448, batch 2, eval mode,
   against the segmentation_models_pytorch model of the same arch/encoder; FLOPs from XLA's cost analysis,
