@@ -1,7 +1,8 @@
 """Model speed on CPU: severjax (JAX/Flax, jit) against SMP 0.6.0 (PyTorch), same weights, same input.
 
     python benchmarks/bench_models.py [--models fpn:efficientnet-b5 unet:se_resnext50_32x4d] [--batch 2]
-                                      [--size 256 416] [--repeats 5] [--warmup 2] [--warmup_s 3] [--threads N] [--json out.json]
+                                      [--size 256 416] [--repeats 5] [--warmup 2] [--warmup_s 3] [--threads N]
+                                      [--json out.json]
 
 For each model: forward in eval mode (torch under ``inference_mode``), and forward + backward in train mode
 (batch-statistics BatchNorm, dropout; loss ``mean(logits**2)``; JAX ``value_and_grad`` with mutable

@@ -38,7 +38,9 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "b5_fpn.py"))
     parser.add_argument("--batch", type=int, default=2, help="images a step (the configs' batch is too big for a CPU)")
     parser.add_argument("--steps", type=int, default=5, help="timed calls of each")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (allocator)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (allocator), at least")
+    parser.add_argument("--warmup_s", type=float, default=harness.WARMUP_S,
+                        help="seconds of untimed calls first, at least (see harness.WARMUP_S)")
     parser.add_argument("--steps_per_call", type=int, default=None,
                         help="JAX steps a call (default: the config's; 0 = 1, or 3 on a CPU without huge "
                              "pages); PyTorch runs as many")
@@ -56,7 +58,7 @@ def main(argv=None) -> dict[str, float]:
     image = rng.normal(size=(args.batch, h, w, 1)).astype(np.float32)
     mask = (rng.random((args.batch, h, w, 4)) < 0.05).astype(np.float32)
     print(f"{config.model.arch}/{config.model.encoder} crop {h}x{w} batch {args.batch}, "
-          f"{args.steps} timed calls each after {args.warmup} warm-up, "
+          f"{args.steps} timed calls each after {args.warmup} warm-up calls and {args.warmup_s:g} s, "
           + ("JAX and PyTorch calls alternated" if args.interleave else "each side's calls back to back"), flush=True)
     print(hostmem.huge_pages_status(), flush=True)
 
@@ -65,7 +67,8 @@ def main(argv=None) -> dict[str, float]:
     calls = {"jax": lambda: harness.block(jax_call())}
     if not args.skip_torch:
         calls["torch"] = harness.repeat_calls(_torch_step(config, image, mask), k)
-    samples, cpu_samples = harness.run_timed(list(calls.values()), args.warmup, args.steps, args.interleave)
+    samples, cpu_samples = harness.run_timed(list(calls.values()), args.warmup, args.steps, args.interleave,
+                                                 warmup_s=args.warmup_s)
     wall = {name: sum(x) for name, x in zip(calls, samples)}
     cpu = {name: sum(x) for name, x in zip(calls, cpu_samples)}
     results = {}

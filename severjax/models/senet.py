@@ -139,7 +139,8 @@ class _Stem(nn.Module):
 
 class GroupedConv2d(nn.Module):
     """``torch.nn.Conv2d(groups=g, bias=False)`` with the parameters of :class:`Conv2d` (``kernel``
-    ``(kh, kw, in/g, out)``), computed by :func:`grouped_conv2d` to dodge XLA:CPU's slow grouped convolution."""
+    ``(kh, kw, in/g, out)``), computed by :func:`grouped_conv2d` to dodge XLA:CPU's slow grouped convolution;
+    ``train`` picks the implementation with ``impl`` (:func:`resolve_grouped_impl`)."""
 
     features: int
     kernel_size: int
@@ -183,8 +184,8 @@ def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], pad
 
     ``impl``: ``"native"`` (``lax.conv_general_dilated(feature_group_count=groups)``), ``"cpu"``, ``"taps"``
     or ``"auto"`` (``"cpu"`` on the CPU backend, native elsewhere; :class:`GroupedConv2d` resolves it with
-    :func:`resolve_grouped_impl`, which also picks ``"taps"``). XLA:CPU's grouped convolution is slow (SE-ResNeXt's
-    3x3s 3-10x PyTorch's, their gradients worse). The ``"cpu"`` path splits the channels into blocks of
+    :func:`resolve_grouped_impl`, which also picks ``"taps"``). XLA:CPU's grouped convolution is slow
+    (SE-ResNeXt's 3x3s 3-10x PyTorch's, their gradients worse). The ``"cpu"`` path splits the channels into blocks of
     consecutive groups about ``_DENSE_BLOCK_WIDTH`` channels wide and runs each block as a dense convolution
     with its block-diagonal kernel: dense convolutions of ~32 channels run near the CPU's peak, so the
     wasted multiply-adds (8x for 4-channel groups, none for 32) cost less than every grouped formulation
