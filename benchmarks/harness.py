@@ -31,11 +31,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 # Seconds of untimed calls before the timed ones, on top of the ``warmup`` count: a side's first calls after
-# its compile run slow while its process takes memory from the VM (on this project's 2-core machines, whose
-# balloon hands free memory back to the host). Measured, Unet-sx50 forward, batch 2, 20 calls after the
-# compile: JAX 286, 227, 223, 260, 260, 247, 222, 222, 209 ms with 44-124 ms of system time each, then
-# 188-195 ms with 0-22 ms from the 10th call (~2.5 s) on; PyTorch, first in its process, 417-250 ms over its
-# first 8 calls, then 221-246 ms. Two warm-up calls left both sides' medians in that phase.
+# its compile run slow, with high system time, while its process takes its memory (on this project's 2-core
+# VMs, whose balloon hands free memory back to the host). Measured, Unet-sx50 forward, batch 2, 20 calls after
+# the compile: JAX 286, 227, 223, 260, 260, 247, 222, 222, 209 ms with 44-124 ms of system time each, then
+# 188-195 ms with 0-22 ms from the 10th call (~2.5 s) on; PyTorch, first in its process, 250-417 ms over its
+# first 8 calls, then 221-246 ms. Two warm-up calls left both sides' forward medians in that phase.
 WARMUP_S = 3.0
 
 
