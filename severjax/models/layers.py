@@ -345,7 +345,10 @@ def depthwise_conv2d(x, kernel, stride=(1, 1), padding=((0, 0), (0, 0)), dilatio
     return _depthwise_taps(x, kernel, stride, padding, dilation)
 
 
-def _taps_forward(x, kernel, stride, padding, dilation):
+def sum_of_taps(x: jax.Array, kernel: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1)) -> jax.Array:
+    """Depthwise convolution (``(kh, kw, 1, C)`` kernel, explicit ``padding`` pairs) as the sum over the taps of
+    strided slices times the per-channel weights, with plain autodiff (:func:`depthwise_conv2d` adds its custom
+    gradient). XLA fuses it into one loop."""
     return _taps_padded(jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0))), kernel, stride, dilation)
 
 
@@ -368,7 +371,7 @@ def _taps_padded(x, kernel, stride, dilation):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _depthwise_taps(x, kernel, stride, padding, dilation):
-    return _taps_forward(x, kernel, stride, padding, dilation)
+    return sum_of_taps(x, kernel, stride, padding, dilation)
 
 
 def _depthwise_taps_fwd(x, kernel, stride, padding, dilation):
@@ -400,7 +403,7 @@ def _depthwise_input_grad(g, kernel, x_shape, stride, padding, dilation):
         config.append((lo, hi, s - 1))
     config.append((0, 0, 0))
     g = lax.pad(g, jnp.zeros((), g.dtype), config)
-    return _taps_forward(g, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), dilation)
+    return sum_of_taps(g, kernel[::-1, ::-1], (1, 1), ((0, 0), (0, 0)), dilation)
 
 
 _ROW_BLOCK_BYTES = 1 << 19  # ~512 KiB of input rows per scan step keeps the taps' reads in cache

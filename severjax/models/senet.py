@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d, torch_default_kernel_init
+from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d, sum_of_taps, torch_default_kernel_init
 
 # SMP 0.6.0 settings shared by every SE-ResNeXt (senet.py `senet_encoders`).
 _GROUPS = 32
@@ -290,22 +290,18 @@ def _groups_per_block(groups: int, group_width: int) -> int:
 
 def _grouped_taps(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], padding: tuple[tuple[int, int], ...],
                   groups: int) -> jax.Array:
-    """Grouped convolution as a sum over (input channel of a group, tap) of strided slices times weights."""
-    kh, kw, cin_g, cout = kernel.shape
+    """Grouped convolution as a sum over the input channels ``i`` of a group of depthwise taps: output channel
+    ``g * cout_g + j`` reads input channel ``g * cin_g + i``, broadcast over the group's outputs."""
+    # pad once, before the broadcasts: padding each one made the whole Unet-sx50 forward 1.6x slower (335 ms)
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    n, hp, wp, _ = xp.shape
-    (sh, sw) = stride
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    xg = xp.reshape(n, hp, wp, groups, cin_g)
+    n, h, w, _ = xp.shape
+    cin_g, cout = kernel.shape[2:]
+    xg = xp.reshape(n, h, w, groups, cin_g)
     out = None
     for i in range(cin_g):
-        # output channel g*cout_g + j reads input channel g*cin_g + i
-        xi = jnp.broadcast_to(xg[..., i:i + 1], (n, hp, wp, groups, cout // groups)).reshape(n, hp, wp, cout)
-        for ky in range(kh):
-            for kx in range(kw):
-                tap = lax.slice(xi, (0, ky, kx, 0), (n, ky + sh * (ho - 1) + 1, kx + sw * (wo - 1) + 1, cout),
-                                (1, sh, sw, 1)) * kernel[ky, kx, i]
-                out = tap if out is None else out + tap
+        xi = jnp.broadcast_to(xg[..., i:i + 1], (n, h, w, groups, cout // groups)).reshape(n, h, w, cout)
+        part = sum_of_taps(xi, kernel[:, :, i:i + 1], stride)
+        out = part if out is None else out + part
     return out
 
 
