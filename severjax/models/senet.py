@@ -199,8 +199,8 @@ def grouped_conv2d(x: jax.Array, kernel: jax.Array, stride: tuple[int, int], pad
     """
     stride = tuple(int(s) for s in stride)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if impl == "auto":
-        impl = "cpu" if jax.default_backend() == "cpu" else "native"
+    if impl == "auto":  # no use to go by: the choice that is fast to differentiate too
+        impl = resolve_grouped_impl(impl, kernel.shape[2], train=True)
     if impl == "native":
         return lax.conv_general_dilated(x, kernel, stride, padding, dimension_numbers=_DN, feature_group_count=groups)
     if impl == "taps":
