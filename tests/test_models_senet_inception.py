@@ -296,3 +296,9 @@ def test_resolve_grouped_impl_picks_taps_for_narrow_groups_in_inference_only():
     assert resolve_grouped_impl("auto", 16, train=False) == "cpu"  # XLA's taps loop is slow there
     assert resolve_grouped_impl("auto", 4, train=True) == "cpu"  # dense blocks' gradients are convolutions
     assert resolve_grouped_impl("native", 4, train=False) == "native"
+
+
+def test_grouped_conv_unknown_impl_names_the_choices():
+    x, w = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 2, 8))
+    with pytest.raises(ValueError, match="'auto', 'native', 'cpu' or 'taps', got 'dense'"):
+        grouped_conv2d(x, w, (1, 1), ((1, 1), (1, 1)), 4, impl="dense")
