@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads must not spin on a shared CPU
 
 import harness  # noqa: E402
@@ -127,13 +124,13 @@ def jax_forward(name: str, batch: int, seed: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from severjax import train
     from severjax.models import create_model
+    from severjax.train.state import init_variables
 
     arch, encoder, (h, w), kw = MODELS[name]
     module = create_model(arch, encoder, classes=4, in_channels=1, **kw)
     x = np.random.default_rng(seed).normal(size=(batch, h, w, 1)).astype(np.float32)
-    variables = train._init_variables(module, jax.random.key(seed), jnp.asarray(x[:1]))
+    variables = init_variables(module, jax.random.key(seed), jnp.asarray(x[:1]))
     variables = jax.device_put(variables)
     x = jax.device_put(x)
     start = time.perf_counter()
@@ -210,7 +207,7 @@ def main(argv=None) -> list[harness.Result]:
 
 
 if __name__ == "__main__":
-    from severjax import hostmem
+    from severjax.ops import hostmem
 
     hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

@@ -19,13 +19,10 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 from harness import Result, print_table, time_fn, torch_setup, write_json  # noqa: E402
-from severjax import hostmem  # noqa: E402
+from severjax.ops import hostmem  # noqa: E402
 
 DEFAULT_MODELS = ("fpn:efficientnet-b5", "unet:se_resnext50_32x4d")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
 from typing import Any, NamedTuple
@@ -25,9 +24,7 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import common  # noqa: E402
+from severjax import config as defaults  # noqa: E402
 
 from severjax.data import augment, kaggle, pipeline, synthetic, tfds_severstal  # noqa: E402
 
@@ -86,7 +83,7 @@ def make_setup(tmp: str, images: int, crop: tuple[int, int], batch: int) -> Setu
     """Writes a synthetic set of ``images`` training images under ``tmp`` and prepares its TFDS records."""
     folder = os.path.join(tmp, "severstal")
     synthetic.make_dataset(folder, images, 0, seed=0)
-    config = common.get_config()
+    config = defaults.get_config()
     config.data.dir = folder
     config.data.crop = tuple(crop)
     config.batch_size = batch

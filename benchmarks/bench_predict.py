@@ -25,14 +25,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
 import harness  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORMALIZE = {"mean": 0.3439, "std": 0.196}
 
 
@@ -114,12 +111,12 @@ def bench_pipeline(workdir: str, data: str, n_images: int, batch: int, repeats: 
     import torch
     import segmentation_models_pytorch as smp
 
-    from severjax.checkpoint import save_model
+    from severjax.export import save_model
     from severjax.data import kaggle
     from severjax.data.rle import rle_decode, rle_encode
     from severjax.models import create_model
     from severjax.models.convert import convert_smp_state_dict
-    from severjax.predict.ensemble import Ensemble, load_members, predict_images
+    from severjax.predict import Ensemble, load_members, predict_images
     from severjax.predict.postprocess import PostprocessConfig, reference_postprocess
 
     torch.manual_seed(0)
@@ -178,7 +175,7 @@ def bench_memory(workdir: str, data: str, n: int, batch: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from severjax.checkpoint import save_model
+    from severjax.export import save_model
     from severjax.models import create_model
 
     spec = dict(arch="unet", encoder="efficientnet-b0", classes=4, in_channels=1, decoder_channels=[16, 8, 8, 8, 8])
@@ -194,8 +191,7 @@ def bench_memory(workdir: str, data: str, n: int, batch: int) -> dict:
                  "batch_stats": variables["batch_stats"]}
     model_dir = save_model(os.path.join(workdir, "model_mem"), variables, {**spec, "normalize": NORMALIZE})
     sources = sorted(os.listdir(os.path.join(data, "test_images")))
-    code = ("import resource, sys, importlib.util as u; s = u.spec_from_file_location('p', sys.argv[1]); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:]); "
+    code = ("import resource, sys; from severjax.cli.predict import main; main(sys.argv[1:]); "
             "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peaks = {}
     for count in (n, 10 * n):
@@ -206,7 +202,7 @@ def bench_memory(workdir: str, data: str, n: int, batch: int) -> dict:
                 os.symlink(os.path.join(data, "test_images", sources[i % len(sources)]),
                            os.path.join(folder, f"{i:09x}.jpg"))
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "tools", "predict.py"), "--checkpoint",
+        run = subprocess.run([sys.executable, "-c", code, "--checkpoint",
                               model_dir, "--images", folder, "--out", os.path.join(workdir, f"mem_{count}.csv"),
                               "--tta", "none", "--batch_size", str(batch), "--quiet"],
                              capture_output=True, text=True, check=True)
@@ -237,7 +233,7 @@ def _best_interleaved(fns, repeats: int) -> list[float]:
 
 
 if __name__ == "__main__":
-    from severjax import hostmem
+    from severjax.ops import hostmem
 
     hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

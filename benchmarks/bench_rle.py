@@ -9,13 +9,9 @@ thousands of runs, the worst case). Prints microseconds per mask and the ratio r
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from harness import time_fn  # noqa: E402
 
 from severjax.data.rle import rle_decode, rle_encode  # noqa: E402

@@ -7,8 +7,8 @@ Builds the config's model twice - ``severjax.models.create_model`` and the segme
 model of the same arch/encoder (random weights) - and times full training steps at the config's crop:
 forward, 0.6 * BCE + 0.4 * (1 - soft Dice over the batch), backward, two-group RAdam with decoupled
 weight decay (torch: ``torch.optim.RAdam(decoupled_weight_decay=True)``). The JAX side runs as the
-trainer does: ``severjax.train.train_steps`` under ``jit`` on one device, ``config.steps_per_call``
-steps a call (0 = the trainer's choice, ``train.resolve_steps_per_call``; the first call, compiling, is
+trainer does: ``severjax.train.steps.train_steps`` under ``jit`` on one device, ``config.steps_per_call``
+steps a call (0 = the trainer's choice, ``severjax.ops.policy.steps_per_call``; the first call, compiling, is
 reported apart); the PyTorch side runs as many steps a call. Each side's calls run back to back (warm-up, then the timed
 calls), as a training loop makes them; ``--interleave`` alternates the timed calls instead, for a shared
 machine whose load drifts (on a VM that hands freed memory back to its host this charges JAX for
@@ -19,18 +19,14 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
-from severjax import hostmem  # noqa: E402
+from severjax.ops import hostmem  # noqa: E402
 
 
 def main(argv=None) -> dict[str, float]:
@@ -106,10 +102,9 @@ def _torch_threads() -> int:
 
 
 def _load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from severjax import config
+
+    return config.load(path)
 
 
 if __name__ == "__main__":

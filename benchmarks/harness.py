@@ -174,7 +174,7 @@ def torch_setup(threads: int | None = None):
 def torch_train_step(model, config, image: np.ndarray, mask: np.ndarray) -> Callable[[], Any]:
     """One PyTorch training step of ``model`` (an SMP model, put in train mode): forward, ``config.loss``'s
     BCE + soft Dice over the batch, backward, RAdam with decoupled weight decay in two groups (encoder /
-    decoder learning rates and decays of ``config.optim``): the reference for ``severjax.train.train_step``."""
+    decoder learning rates and decays of ``config.optim``): the reference for ``severjax.train.segmentation.train_step``."""
     import torch
 
     model.train()
@@ -205,23 +205,25 @@ def torch_train_step(model, config, image: np.ndarray, mask: np.ndarray) -> Call
 def jax_train_call(config, image: np.ndarray, mask: np.ndarray, steps_per_call: int | None = None
                    ) -> tuple[Callable[[], Any], Any, float, int]:
     """``(call, compiled, compile seconds, steps a call)``: ``call()`` runs ``steps_per_call`` severjax
-    training steps in one jit program, as the trainer does (``severjax.train.train_steps``: forward, loss,
+    training steps in one jit program, as the trainer does (``severjax.train.steps.train_steps``: forward, loss,
     backward, two-group RAdam; default ``config.steps_per_call``, 0 = the backend's choice), each on the
     fixed batch ``image``/``mask``, carrying the donated state from call to call. Divide a call's time by
     the steps a call for the time a step."""
     import jax
 
-    from severjax import optim, train
+    from severjax import optim
+    from severjax.ops import policy
+    from severjax.train import segmentation, state as state_lib, steps
 
-    k = train.resolve_steps_per_call(config.steps_per_call if steps_per_call is None else steps_per_call)
-    model, _ = train.build_model(config)
+    k = policy.steps_per_call(config.steps_per_call if steps_per_call is None else steps_per_call)
+    model, _ = state_lib.build_model(config)
     tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=100, epochs=config.epochs)
-    state = train.create_train_state(config, model, tx)
-    step_fn = functools.partial(train.train_step, loss_config=dict(config.loss), schedules=schedules,
+    state = state_lib.create_train_state(config, model, tx)
+    step_fn = functools.partial(segmentation.train_step, loss_config=dict(config.loss), schedules=schedules,
                                 axis_name=None)
-    fn = jax.jit(functools.partial(train.train_steps, step_fn=step_fn), donate_argnums=(0,))
+    fn = jax.jit(functools.partial(steps.train_steps, step_fn=step_fn), donate_argnums=(0,))
     batches = jax.device_put({"image": np.stack([image] * k), "mask": np.stack([mask] * k)})
-    keys = train.step_keys(jax.random.key(0), 0, k)
+    keys = steps.step_keys(jax.random.key(0), 0, k)
     start = time.perf_counter()
     compiled = fn.lower(state, batches, keys).compile()
     compile_s = time.perf_counter() - start
@@ -349,11 +351,11 @@ def write_json(rows: Iterable[Result], path: str, **meta: Any) -> None:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, core count, load average, library versions, whether malloc asks for huge pages
-    (``severjax.hostmem``) and the severjax commit (``+dirty`` when severjax/ has uncommitted changes): what a
+    (``severjax.ops.hostmem``) and the severjax commit (``+dirty`` when severjax/ has uncommitted changes): what a
     reader needs to compare runs."""
     info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
                             "cpu": _cpu_model(), "platform": platform.platform(), "commit": _git_commit()}
-    from severjax import hostmem
+    from severjax.ops import hostmem
 
     info["host_memory"] = hostmem.huge_pages_status()
     try:

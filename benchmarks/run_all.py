@@ -9,8 +9,8 @@ alternated; compile times apart):
 * ``forward``: FPN/efficientnet-b5 at 256x416 and Unet/se_resnext50_32x4d at 256x448, batch 2, eval mode,
   against the segmentation_models_pytorch model of the same arch/encoder; FLOPs from XLA's cost analysis,
   achieved GFLOP/s of both and the share of the CPU's peak (``bench_flops.machine_peak``).
-* ``train step``: the same models and crops, batch 2: ``severjax.train.train_steps`` under ``jit``, in calls of
-  ``config.steps_per_call`` steps as the trainer runs them (1 with huge pages, see ``severjax.hostmem``),
+* ``train step``: the same models and crops, batch 2: ``severjax.train.steps.train_steps`` under ``jit``, in calls of
+  ``config.steps_per_call`` steps as the trainer runs them (1 with huge pages, see ``severjax.ops.hostmem``),
   against as many steps of forward + 0.6 BCE + 0.4 soft Dice + backward + two-group RAdam in PyTorch; times
   are per step. Memory: XLA's memory analysis of the compiled step (arguments + outputs - donated aliases +
   temporaries) and the resident-memory rise of one step for both (``harness.peak_rss``).
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -50,8 +49,6 @@ import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
 
 import bench_flops  # noqa: E402
 import harness  # noqa: E402
@@ -217,15 +214,15 @@ def tta_rows(name: str, repeats: int, peak: bench_flops.PeakEstimate) -> list[Re
     import jax
     import jax.numpy as jnp
 
-    from severjax import train
     from severjax.predict.ensemble import tta_probabilities
 
     arch, encoder, _, kw = bench_flops.MODELS[name]
     from severjax.models import create_model
+    from severjax.train.state import init_variables
 
     module = create_model(arch, encoder, classes=4, in_channels=1, **kw)
     x = np.random.default_rng(0).normal(size=(1, 256, 1600, 1)).astype(np.float32)
-    variables = jax.device_put(train._init_variables(module, jax.random.key(0), jnp.asarray(x)))
+    variables = jax.device_put(init_variables(module, jax.random.key(0), jnp.asarray(x)))
     xd = jax.device_put(x)
     start = time.perf_counter()
     compiled = jax.jit(lambda v, x: tta_probabilities(module, v, x, "w")).lower(variables, xd).compile()
@@ -257,7 +254,7 @@ def tta_rows(name: str, repeats: int, peak: bench_flops.PeakEstimate) -> list[Re
 
 def postprocess_rows(repeats: int, images: int = 8) -> list[Result]:
     """Per-image post-processing + RLE of probability maps on the device (as the model leaves them): jit + host
-    finish (the prediction path, ``severjax.predict.ensemble._host_results``) against numpy/scipy + mask2rle."""
+    finish (the prediction path, ``severjax.predict.stream._host_results``) against numpy/scipy + mask2rle."""
     import jax
 
     from bench_rle import reference_encode
@@ -352,11 +349,9 @@ def _cpu_seconds() -> float:
 
 def load_config(filename: str):
     """``get_config()`` of ``configs/<filename>``."""
-    path = os.path.join(ROOT, "configs", filename)
-    spec = importlib.util.spec_from_file_location(f"run_all_{filename[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from severjax import config
+
+    return config.load(os.path.join(ROOT, "configs", filename))
 
 
 def _quiet_libraries() -> None:
@@ -373,7 +368,7 @@ def _quiet_libraries() -> None:
 
 
 if __name__ == "__main__":
-    from severjax import hostmem
+    from severjax.ops import hostmem
 
     hostmem.reexec_with_huge_pages()  # first: it restarts the process
     main()

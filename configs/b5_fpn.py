@@ -1,18 +1,16 @@
-"""fpn / efficientnet-b5 at 256x416 crops, global batch 18: the original solution's fpn-b5 run."""
+"""fpn / efficientnet-b5 at 256x416 crops, global batch 18: the original solution's fpn-b5 run.
+
+    python -m severjax.train --config=configs/b5_fpn.py --workdir=runs/fpn_b5
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 447676
     config.batch_size = 18
     config.epochs = 250

@@ -1,18 +1,16 @@
-"""unet / efficientnet-b5 at 256x384 crops, global batch 18: the original solution's unet-b5 run."""
+"""unet / efficientnet-b5 at 256x384 crops, global batch 18: the original solution's unet-b5 run.
+
+    python -m severjax.train --config=configs/b5_unet.py --workdir=runs/unet_b5
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 642
     config.batch_size = 18
     config.epochs = 250

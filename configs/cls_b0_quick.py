@@ -1,29 +1,27 @@
-"""A classifier run that trains in about ten minutes on a 2-core CPU: efficientnet-b0 on the quickstart's synthetic set.
+"""A short classifier run for a CPU: efficientnet-b0 on the quickstart's synthetic set.
 
 Shares configs/quickstart.py's synthetic folder (~/.cache/severjax/synthetic, generated on first use).
+
+    python -m severjax.train --config=configs/cls_b0_quick.py --workdir=runs/cls_b0_quick
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 2
     config.batch_size = 8
     config.eval_batch_size = 8
-    # 720 steps: from scratch, the BatchNorm running variances start at 1 and decay by torch's momentum
-    # 0.01 a step towards true variances of ~0.01-0.1; after 300 steps the stem's is still ~4x too big
-    # and the eval-mode outputs are nearly constant (train-mode outputs already separate the classes).
+    # 720 steps: from scratch, EfficientNet's BatchNorm momentum (0.01) needs hundreds of steps before
+    # the running statistics, which evaluation uses, catch up (docs/performance.md, "Quickstart and short runs")
     config.epochs = 30
     config.eval_every_epochs = 10
     config.checkpoint_every = 100
@@ -33,8 +31,8 @@ def get_config():
     config.data.crop = (128, 256)
     config.data.std = 0.196
     config.data.limit_val = 48
-    # Crops and flips only: every training image gets one of CLAHE/blur/sharpen, which moves the stem's
-    # input texture variance ~2.5x away from the plain validation images' (blur=1 is the identity).
+    # Crops and flips only: every training image would get one of CLAHE/blur/sharpen, which moves the
+    # stem's input statistics away from those of the plain validation images (blur=1 is the identity).
     config.aug.oneof = (0.0, 1.0, 0.0)
     config.aug.blur = 1
     config.model.arch = "classifier"

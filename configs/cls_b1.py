@@ -5,21 +5,18 @@ t0*(c-1)*p``); its training values are not in its repository, so these follow it
 (RAdam groups, flat-then-logistic schedule, normalisation) with near-full-width crops, as the first
 place's classifiers (224x1568) had. Image labels are ``mask.any`` over the crop, loss = BCE per class;
 validation reports per-class accuracy and ROC AUC on full 256x1600 images.
+
+    python -m severjax.train --config=configs/cls_b1.py --workdir=runs/cls_b1
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 1901
     config.batch_size = 16
     config.eval_batch_size = 8

@@ -1,30 +1,29 @@
-"""A small run that trains in minutes on a laptop CPU: efficientnet-b0 FPN on a synthetic set.
+"""A small run for a laptop CPU: efficientnet-b0 FPN on a synthetic set (tools/quickstart.sh).
 
 The synthetic set (Kaggle layout, 240 train + 40 test images) is generated into
 ~/.cache/severjax/synthetic on first use. From scratch (no ImageNet weights), full-height 256x256
 crops and a high learning rate; validation every 2 epochs on 32 images, after replacing the
 BatchNorm running statistics by exact ones (EfficientNet's momentum 0.01 needs thousands of steps).
+
+    python -m severjax.train --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 1
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.epochs = 16  # 24 steps an epoch, 384 in all: 0.910 and 0.940 in two runs, 10 epochs 0.899 (synthetic test set)
+    config.epochs = 16  # 24 steps an epoch, 384 in all (docs/performance.md, "Quickstart and short runs")
     config.eval_every_epochs = 2
     config.checkpoint_every = 100
     config.log_every = 8

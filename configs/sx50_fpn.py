@@ -1,18 +1,16 @@
-"""fpn / se_resnext50_32x4d at 256x416 crops, global batch 36: the original solution's fpn-se_resnext run."""
+"""fpn / se_resnext50_32x4d at 256x416 crops, global batch 36: the original solution's fpn-se_resnext run.
+
+    python -m severjax.train --config=configs/sx50_fpn.py --workdir=runs/fpn_sx50
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 66432
     config.batch_size = 36
     config.epochs = 300

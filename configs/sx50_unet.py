@@ -1,18 +1,16 @@
-"""unet / se_resnext50_32x4d at 256x448 crops, global batch 32: the original solution's unet-se_resnext run."""
+"""unet / se_resnext50_32x4d at 256x448 crops, global batch 32: the original solution's unet-se_resnext run.
+
+    python -m severjax.train --config=configs/sx50_unet.py --workdir=runs/unet_sx50
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from severjax import config as defaults
 
 
 def get_config():
-    """Only the values that differ from configs/common.py."""
-    config = common.get_config()
+    """Only the values that differ from severjax.config.get_config()."""
+    config = defaults.get_config()
     config.seed = 3333
     config.batch_size = 32
     config.epochs = 250

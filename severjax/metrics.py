@@ -1,8 +1,8 @@
 """The competition metric: Dice per (image, class) pair, an empty/empty pair scoring 1.
 
-``dice_per_image_class`` and ``kaggle_score`` are jit-able jnp functions over batches; the
-``score_annotations`` helper scores two RLE tables (truth vs submission) on the host, one image at a
-time so memory stays flat for any number of images.
+``dice_per_image_class`` and ``kaggle_score`` are jit-able jnp functions over batches;
+``score_annotations`` scores two RLE tables (truth vs submission) on the host, one (image, class) pair at
+a time with ``severjax.data.rle.rle_dice``, so memory stays flat for any number of images.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from severjax.data.rle import KAGGLE_SHAPE, rle_decode
+from severjax.data.rle import KAGGLE_SHAPE, rle_dice
 
 
 def dice_per_image_class(pred, truth):
@@ -61,17 +61,8 @@ def score_annotations(truth: Mapping[str, Sequence[str]], submission: Mapping[st
     dice = np.zeros((len(truth), 4), np.float64)
     for row, image_id in enumerate(sorted(truth)):
         for c in range(4):
-            dice[row, c] = _dice_rle(truth[image_id][c], submission[image_id][c], shape)
+            dice[row, c] = rle_dice(truth[image_id][c], submission[image_id][c], shape)
     return dice.mean(axis=0), float(dice.mean())
-
-
-def _dice_rle(truth_rle: str, pred_rle: str, shape) -> float:
-    if not truth_rle and not pred_rle:
-        return 1.0
-    if not truth_rle or not pred_rle:
-        return 0.0
-    t, p = rle_decode(truth_rle, shape), rle_decode(pred_rle, shape)
-    return float(2.0 * np.logical_and(t, p).sum() / (t.sum() + p.sum()))
 
 
 def _head(names: Sequence[str], n: int = 5) -> str:

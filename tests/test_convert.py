@@ -2,8 +2,6 @@
 
 import copy
 import functools
-import os
-import sys
 
 import jax
 import numpy as np
@@ -12,13 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 smp = pytest.importorskip("segmentation_models_pytorch")
 
+from severjax.cli import convert_weights  # noqa: E402
 from severjax.models import create_model  # noqa: E402
 from severjax.models.convert import (ConversionError, convert_encoder_state_dict, convert_smp_state_dict,  # noqa: E402
                                      expected_variables, flax_path_to_torch_key, recycle_first_conv,
                                      torch_key_to_flax_path)
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
-import convert_weights  # noqa: E402
 
 RNG = np.random.RandomState(0)
 
@@ -142,7 +138,7 @@ def test_encoder_only_state_dict(torch_reference):
 
 
 def test_convert_weights_cli_roundtrip(tmp_path, torch_reference, monkeypatch):
-    from severjax.checkpoint import load_model
+    from severjax.export import load_model
 
     torch.manual_seed(0)
     tm = torch_reference.randomize_norms(smp.FPN("efficientnet-b0", encoder_weights=None, in_channels=1, classes=4,

@@ -11,7 +11,6 @@ import pytest
 from severjax.data import kaggle
 from severjax.data.rle import rle_encode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (256, 1600)
 
 
@@ -131,9 +130,7 @@ def test_submission_missing_class_rows(tmp_path):
 
 
 def _score(*args):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "score.py"), *args],
-                         capture_output=True, text=True)
-    return out
+    return subprocess.run([sys.executable, "-m", "severjax.cli.score", *args], capture_output=True, text=True)
 
 
 def test_score_tool(folder, tmp_path):

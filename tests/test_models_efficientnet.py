@@ -1,4 +1,7 @@
-"""Layers with torch semantics, EfficientNet encoders, Unet/FPN/classifier: parity against SMP 0.6.0."""
+"""Layers and ops with torch semantics, EfficientNet encoders, Unet/FPN/classifier: parity against SMP 0.6.0.
+
+The equality of each op's implementations (no torch needed) is tests/ops/.
+"""
 
 import functools
 
@@ -11,10 +14,12 @@ torch = pytest.importorskip("torch")
 smp = pytest.importorskip("segmentation_models_pytorch")
 F = torch.nn.functional
 
+from severjax import ops  # noqa: E402
 from severjax.models import create_model  # noqa: E402
 from severjax.models import layers  # noqa: E402
 from severjax.models.convert import convert_smp_state_dict, expected_variables  # noqa: E402
-from severjax.models.efficientnet import EfficientNetEncoder, block_specs, efficientnet_out_channels  # noqa: E402
+from severjax.models.encoders.efficientnet import (EfficientNetEncoder, block_specs,  # noqa: E402
+                                                   efficientnet_out_channels)
 
 torch.set_num_threads(2)
 RNG = np.random.RandomState(0)
@@ -32,27 +37,6 @@ def _nhwc(t):
 # layers
 
 
-@pytest.mark.parametrize("k,stride,dilation,padding", [
-    (3, 1, 1, ((1, 1), (1, 1))),
-    (5, 2, 1, ((1, 2), (1, 2))),
-    (3, 2, 1, ((0, 1), (0, 1))),
-    (3, 1, 2, ((2, 2), (1, 3))),
-    (5, 2, 1, ((2, 2), (2, 2))),
-])
-def test_depthwise_taps_equals_native_forward_and_grads(k, stride, dilation, padding):
-    x = jnp.asarray(RNG.randn(2, 13, 18, 8), jnp.float32)
-    w = jnp.asarray(RNG.randn(k, k, 1, 8), jnp.float32)
-    fn = {impl: functools.partial(layers.depthwise_conv2d, stride=(stride, stride), padding=padding,
-                                  dilation=(dilation, dilation), impl=impl) for impl in ("native", "taps")}
-    y_native, y_taps = fn["native"](x, w), jax.jit(fn["taps"])(x, w)
-    np.testing.assert_allclose(y_taps, y_native, rtol=1e-5, atol=1e-5)
-    g = jnp.asarray(RNG.randn(*y_native.shape), jnp.float32)
-    grads = {impl: jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * g), argnums=(0, 1)))(x, w)
-             for impl, f in fn.items()}
-    np.testing.assert_allclose(grads["taps"][0], grads["native"][0], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(grads["taps"][1], grads["native"][1], rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.parametrize("groups,dilation,stride,bias", [(1, 1, 1, True), (2, 2, 2, False), (6, 1, 2, True)])
 def test_conv2d_matches_torch(groups, dilation, stride, bias):
     x = RNG.randn(2, 11, 14, 6).astype(np.float32)
@@ -67,35 +51,18 @@ def test_conv2d_matches_torch(groups, dilation, stride, bias):
     np.testing.assert_allclose(conv.apply(v, x), _nhwc(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_swish_matches_silu_values_and_gradients():
-    x = jnp.asarray(RNG.randn(3, 50) * 6, jnp.float32)
-    g = jnp.asarray(RNG.randn(3, 50), jnp.float32)
-    np.testing.assert_allclose(layers.swish(x), jax.nn.silu(x), rtol=1e-6, atol=1e-7)
-    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * g))(x) for f in (layers.swish, jax.nn.silu)]
-    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
-
-
-def test_pointwise_conv_gradients_match_plain_dot():
-    rng = np.random.RandomState(8)
-    x = jnp.asarray(rng.randn(2, 5, 7, 12), jnp.float32)
-    w = jnp.asarray(rng.randn(12, 20), jnp.float32)
-    gy = jnp.asarray(rng.randn(2, 5, 7, 20), jnp.float32)
-    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * gy), argnums=(0, 1)))(x, w)
-             for f in (layers.pointwise_conv2d, layers._pointwise)]
-    np.testing.assert_allclose(layers.pointwise_conv2d(x, w), layers._pointwise(x, w), rtol=1e-6)
-    for a, b in zip(*grads):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("shape,out", [((2, 5, 7, 6), 4), ((1, 1, 3, 2), 5)])
 def test_conv3x3_taps_matches_torch_values_and_gradients(shape, out):
     # a 3x3 conv as one matmul of the nine taps + a shifted sum, with its own gather-form gradient
     x = RNG.randn(*shape).astype(np.float32)
     gy = RNG.randn(*shape[:3], out).astype(np.float32)
-    conv = layers.Conv2d(out, 3, padding=1, cpu_taps=True)
+    conv = layers.Conv2d(out, 3, padding=1)
     params = conv.init(jax.random.PRNGKey(2), x)["params"]
-    y, (dx, dp) = jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(conv.apply({"params": p}, x) * gy), argnums=(0, 1)))(
-        x, params)
+
+    def taps(x, p):
+        return ops.conv3x3(x, p["kernel"], impl="taps") + p["bias"]
+
+    y, (dx, dp) = jax.jit(jax.value_and_grad(lambda x, p: jnp.sum(taps(x, p) * gy), argnums=(0, 1)))(x, params)
     tx = _nchw(x).requires_grad_(True)
     tw = torch.from_numpy(np.ascontiguousarray(np.asarray(params["kernel"]).transpose(3, 2, 0, 1))).requires_grad_(True)
     tb = torch.from_numpy(np.array(params["bias"])).requires_grad_(True)
@@ -104,12 +71,13 @@ def test_conv3x3_taps_matches_torch_values_and_gradients(shape, out):
     np.testing.assert_allclose(y, ref.item(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(dx, _nhwc(tx.grad), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dp["kernel"], tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(conv.apply({"params": params}, x), layers.Conv2d(out, 3, padding=1).apply(
-        {"params": params}, x), rtol=1e-5, atol=1e-5)
+    # Conv2d in inference (the Unet head's use: taps where the policy says so) equals it without a use (native)
+    np.testing.assert_allclose(conv.apply({"params": params}, x, train=False), conv.apply({"params": params}, x),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_conv2d_1x1_gradients_match_torch():
-    # 1x1 convs run as a dot with a hand-written gradient on CPU (layers.pointwise_conv2d): check it end to end
+    # 1x1 convs run as a dot with a hand-written gradient on CPU (ops.pointwise_conv): check it end to end
     x = RNG.randn(2, 5, 7, 12).astype(np.float32)
     gy = RNG.randn(2, 5, 7, 20).astype(np.float32)
     conv = layers.Conv2d(20, 1)
@@ -130,11 +98,11 @@ def test_max_pool_ceil_mode_matches_torch(size, k, s, p):
     x = RNG.randn(1, size, size + 3, 2).astype(np.float32)
     for ceil in (False, True):
         ref = F.max_pool2d(_nchw(x), k, s, p, ceil_mode=ceil)
-        np.testing.assert_array_equal(layers.max_pool2d(jnp.asarray(x), k, s, p, ceil_mode=ceil), _nhwc(ref))
+        np.testing.assert_array_equal(ops.max_pool2d(jnp.asarray(x), k, s, p, ceil_mode=ceil), _nhwc(ref))
     # differentiable, with torch's gradient (to the max of each window)
     tx = _nchw(x).requires_grad_(True)
     F.max_pool2d(tx, k, s, p, ceil_mode=True).sum().backward()
-    grad = jax.grad(lambda v: layers.max_pool2d(v, k, s, p, ceil_mode=True).sum())(jnp.asarray(x))
+    grad = jax.grad(lambda v: ops.max_pool2d(v, k, s, p, ceil_mode=True).sum())(jnp.asarray(x))
     np.testing.assert_array_equal(grad, _nhwc(tx.grad))
 
 
@@ -149,10 +117,10 @@ def test_nearest_matches_torch():
     x = RNG.randn(1, 7, 13, 2).astype(np.float32)
     for size in ((14, 26), (13, 25), (7, 40), (3, 5)):
         ref = F.interpolate(_nchw(x), size=size, mode="nearest")
-        np.testing.assert_array_equal(layers.upsample_nearest(jnp.asarray(x), size=size), _nhwc(ref))
+        np.testing.assert_array_equal(ops.upsample_nearest(jnp.asarray(x), size=size), _nhwc(ref))
     for factor in (2.0, 3.0):
         ref = F.interpolate(_nchw(x), scale_factor=factor, mode="nearest")
-        np.testing.assert_array_equal(layers.upsample_nearest(jnp.asarray(x), scale_factor=factor), _nhwc(ref))
+        np.testing.assert_array_equal(ops.upsample_nearest(jnp.asarray(x), scale_factor=factor), _nhwc(ref))
 
 
 @pytest.mark.parametrize("momentum,eps", [(0.1, 1e-5), (0.01, 1e-3), (1.0, 1e-5)])
@@ -377,13 +345,23 @@ def test_train_mode_gradients_reach_every_parameter():
 def test_registry_knows_every_smp_encoder_name():
     from segmentation_models_pytorch.encoders import encoders as smp_encoders
 
-    from severjax.models.registry import encoder_constructor, encoder_names, encoder_torch_ignored
+    from severjax.models.encoders import encoder_constructor, encoder_names, encoder_torch_ignored
 
     assert len(encoder_names()) == 11
     for name in encoder_names():
         assert name in smp_encoders
         assert callable(encoder_constructor(name))
         assert all(p.startswith("encoder.") for p in encoder_torch_ignored(name))
+
+
+def test_a_family_that_fails_to_import_fails_only_its_own_names(monkeypatch):
+    from severjax.models import encoders
+
+    monkeypatch.setitem(encoders.ENCODERS, "broken-b0", ("no_such_family", "Encoder", {}))
+    with pytest.raises(ImportError, match=r"severjax\.models\.encoders\.no_such_family failed to import"):
+        encoders.get_encoder("broken-b0", in_channels=1)
+    assert "broken-b0" in encoders.encoder_names()
+    assert encoders.get_encoder("efficientnet-b0", in_channels=1).variant == "efficientnet-b0"
 
 
 def test_registry_errors_name_the_fault():

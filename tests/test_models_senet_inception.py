@@ -1,4 +1,8 @@
-"""SE-ResNeXt and InceptionV4 encoders (and Unet/FPN on them): parity against SMP 0.6.0 in PyTorch."""
+"""SE-ResNeXt and InceptionV4 encoders (and Unet/FPN on them): parity against SMP 0.6.0 in PyTorch.
+
+The equality of the grouped convolution's and the Unet decoder's implementations (no torch needed) is
+tests/ops/.
+"""
 
 import copy
 import functools
@@ -11,10 +15,11 @@ import pytest
 torch = pytest.importorskip("torch")
 smp = pytest.importorskip("segmentation_models_pytorch")
 
+from severjax import ops  # noqa: E402
 from severjax.models.convert import convert_smp_state_dict, torch_key_to_flax_path  # noqa: E402
-from severjax.models.inception_v4 import InceptionV4Encoder  # noqa: E402
-from severjax.models.registry import get_encoder  # noqa: E402
-from severjax.models.senet import SENetEncoder, grouped_conv2d  # noqa: E402
+from severjax.models.encoders import get_encoder  # noqa: E402
+from severjax.models.encoders.inception_v4 import InceptionV4Encoder  # noqa: E402
+from severjax.models.encoders.senet import SENetEncoder  # noqa: E402
 
 torch.set_num_threads(1)
 ENCODERS = ("se_resnext50_32x4d", "se_resnext101_32x4d", "inceptionv4")
@@ -132,8 +137,9 @@ def _assert_within_torch_noise(out, ref32, ref64, what):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["se_resnext50_32x4d", "inceptionv4"])
 def test_gradients_under_jit_match_torch(torch_reference, name):
-    # Eval-mode gradients w.r.t. the input and every kernel: the CPU grouped conv's dense blocks, the
-    # pools' differentiability under jit (reduce_window with a Python-scalar -inf init).
+    # Eval-mode gradients w.r.t. the input and every kernel: the grouped convs' implementations (on CPU taps for
+    # the narrow groups of an inference-mode call), the pools' differentiability under jit (reduce_window with a
+    # Python-scalar -inf init).
     tenc, enc, variables = _converted_pair(torch_reference, name)
     x = np.random.RandomState(4).randn(2, 67, 75, 1).astype(np.float32)
     xt = torch_reference.nchw(x).requires_grad_(True)
@@ -156,72 +162,19 @@ def test_gradients_under_jit_match_torch(torch_reference, name):
         assert np.abs(got - want).max() <= 1e-3 * scale, (key, float(np.abs(got - want).max()), scale)
 
 
-@pytest.mark.parametrize("shape,groups,stride,padding", [
-    ((2, 13, 18, 32), 8, 1, 1), ((2, 13, 18, 32), 8, 2, 1), ((1, 9, 11, 16), 4, 2, 0),
-    ((1, 7, 9, 16), 4, 3, 2), ((2, 12, 17, 64), 4, 2, 1),  # 16 channels a group: two dense blocks of 2 groups
-    ((2, 9, 10, 128), 32, 1, 1), ((1, 9, 10, 128), 32, 2, 1),  # 4 channels a group: four blocks of 8 groups
-    ((1, 6, 7, 96), 3, 1, 1),  # 32 channels a group: one group a block
-])
-def test_grouped_conv_cpu_paths_match_native(shape, groups, stride, padding):
-    rng = np.random.RandomState(5)
-    x = jnp.asarray(rng.randn(*shape), jnp.float32)
-    w = jnp.asarray(rng.randn(3, 3, shape[-1] // groups, shape[-1]), jnp.float32)
-    pad = ((padding, padding),) * 2
-    f = {impl: functools.partial(grouped_conv2d, stride=(stride, stride), padding=pad, groups=groups, impl=impl)
-         for impl in ("native", "cpu", "taps")}
-    y = f["native"](x, w)
-    for impl in ("cpu", "taps"):
-        np.testing.assert_allclose(jax.jit(f[impl])(x, w), y, rtol=1e-5, atol=2e-5, err_msg=impl)
-    gy = jnp.asarray(rng.randn(*y.shape), jnp.float32)
-    grads = {impl: jax.jit(jax.grad(lambda x, w, fn=fn: jnp.sum(fn(x, w) * gy), argnums=(0, 1)))(x, w)
-             for impl, fn in f.items()}
-    for impl in ("cpu", "taps"):
-        for a, b in zip(grads[impl], grads["native"]):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=impl)
-
-
 @pytest.mark.parametrize("shape", [(2, 9, 11, 3), (1, 8, 8, 2), (1, 12, 17, 2)])
 def test_max_pool_ceil_gradient_matches_torch(torch_reference, shape):
     # The gradient goes to the first maximum of each window, ties included (post-ReLU zeros, equal values).
-    from severjax.models.senet import max_pool_ceil
-
     x = np.maximum(np.random.RandomState(6).randn(*shape), 0).astype(np.float32)
     x[0, :3, :4, 0] = 1.0
     xt = torch_reference.nchw(x).requires_grad_(True)
     yt = torch.nn.functional.max_pool2d(xt, 3, 2, ceil_mode=True)
     gy = np.random.RandomState(7).randn(*yt.shape).astype(np.float32)
     yt.backward(torch.from_numpy(gy))
-    y, vjp = jax.vjp(lambda x: max_pool_ceil(x, 3, 2), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda x: ops.max_pool_ceil(x, 3, 2, impl="taps_grad"), jnp.asarray(x))
     (dx,) = jax.jit(vjp)(jnp.asarray(torch_reference.nhwc(torch.from_numpy(gy))))
     np.testing.assert_array_equal(np.asarray(y), torch_reference.nhwc(yt.detach()))
     np.testing.assert_allclose(np.asarray(dx), torch_reference.nhwc(xt.grad), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("shape,skip_channels,train", [
-    ((2, 4, 6, 8), 5, False), ((1, 3, 5, 6), 0, True), ((2, 5, 4, 12), 3, True),
-])
-def test_upsample_concat_conv_taps_matches_plain(shape, skip_channels, train):
-    # conv3x3(concat(upsample2x(x), skip)) as x's tap products at low resolution + the skip's conv: values, gradients.
-    from severjax.models.unet import UpsampleConcatConv
-
-    rng = np.random.RandomState(9)
-    b, h, w, c = shape
-    x = jnp.asarray(rng.randn(*shape), jnp.float32)
-    skip = jnp.asarray(rng.randn(b, 2 * h, 2 * w, skip_channels), jnp.float32) if skip_channels else None
-    gy = jnp.asarray(rng.randn(b, 2 * h, 2 * w, 7), jnp.float32)
-    mods = {impl: UpsampleConcatConv(7, impl=impl) for impl in ("plain", "taps", "auto")}
-    variables = mods["plain"].init(jax.random.PRNGKey(0), x, (2 * h, 2 * w), skip)
-    outs = {impl: jax.jit(jax.value_and_grad(
-        lambda v, x, s, m=m: jnp.sum(m.apply(v, x, (2 * h, 2 * w), s, train) * gy), argnums=(0, 1, 2)))(
-            variables, x, skip) for impl, m in mods.items()}
-    for impl in ("taps", "auto"):
-        for got, want in zip(jax.tree_util.tree_leaves(outs[impl]), jax.tree_util.tree_leaves(outs["plain"])):
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # sizes that are not exactly twice the input: "auto" upsamples by index (plain), "taps" refuses
-    y = mods["auto"].apply(variables, x, (2 * h - 1, 2 * w), None if skip is None else skip[:, :-1])
-    assert y.shape == (b, 2 * h - 1, 2 * w, 7)
-    with pytest.raises(ValueError, match="taps needs size twice"):
-        mods["taps"].apply(variables, x, (2 * h - 1, 2 * w), None if skip is None else skip[:, :-1])
 
 
 def _bf16_check(module, x, **kw):
@@ -236,8 +189,8 @@ def _bf16_check(module, x, **kw):
 
 
 def test_bfloat16_blocks_compute_in_bf16_with_float32_params():
-    from severjax.models.inception_v4 import InceptionA
-    from severjax.models.senet import SEResNeXtBottleneck
+    from severjax.models.encoders.inception_v4 import InceptionA
+    from severjax.models.encoders.senet import SEResNeXtBottleneck
 
     rng = np.random.RandomState(2)
     _bf16_check(SEResNeXtBottleneck(planes=64, stride=2, downsample=True, dtype=jnp.bfloat16),
@@ -286,19 +239,3 @@ def test_model_parity_fpn_add_se_resnext50(torch_reference):
 @pytest.mark.parametrize("arch", ["unet", "fpn"])
 def test_model_parity_se_resnext101(torch_reference, arch):
     _check_model_parity(torch_reference, arch, "se_resnext101_32x4d")
-
-
-def test_resolve_grouped_impl_picks_taps_for_narrow_groups_in_inference_only():
-    from severjax.models.senet import resolve_grouped_impl
-
-    assert resolve_grouped_impl("auto", 4, train=False) == "taps"
-    assert resolve_grouped_impl("auto", 8, train=False) == "taps"
-    assert resolve_grouped_impl("auto", 16, train=False) == "cpu"  # XLA's taps loop is slow there
-    assert resolve_grouped_impl("auto", 4, train=True) == "cpu"  # dense blocks' gradients are convolutions
-    assert resolve_grouped_impl("native", 4, train=False) == "native"
-
-
-def test_grouped_conv_unknown_impl_names_the_choices():
-    x, w = jnp.zeros((1, 4, 4, 8)), jnp.zeros((3, 3, 2, 8))
-    with pytest.raises(ValueError, match="'auto', 'native', 'cpu' or 'taps', got 'dense'"):
-        grouped_conv2d(x, w, (1, 1), ((1, 1), (1, 1)), 4, impl="dense")

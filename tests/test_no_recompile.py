@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 
 import flax.linen as nn
@@ -24,9 +23,13 @@ import numpy as np
 import pytest
 from flax import jax_utils
 
+from severjax import config as config_lib
+from severjax import optim
 from severjax.models.layers import BatchNorm2d
+from severjax.train import segmentation, steps
+from severjax.train.state import TrainState, host_variables, replicate_state
+from severjax.train.tasks import make_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CROP = (32, 64)
 BATCH = 2
@@ -70,10 +73,7 @@ class TinySegmenter(nn.Module):
 
 
 def _config():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import common
-
-    config = common.get_config()
+    config = config_lib.get_config()
     config.batch_size = BATCH * jax.local_device_count()
     config.data.crop = CROP
     config.optim.flat_epochs = 1
@@ -88,43 +88,23 @@ def _host_batch(seed: int, n: int) -> dict[str, np.ndarray]:
             "mask": (rng.random((n, *CROP, 4)) < 0.1).astype(np.float32)}
 
 
-def _replicate(state):
-    """What ``train_and_evaluate`` does to the initial state (the fixed helper once the trainer has it)."""
-    from severjax import train
-
-    return train.replicate_state(state) if hasattr(train, "replicate_state") else jax_utils.replicate(state)
-
-
-def _trainer_replicates_like_pmap_outputs() -> bool:
-    from severjax import train
-
-    return hasattr(train, "replicate_state")
-
-
-@pytest.mark.xfail(not _trainer_replicates_like_pmap_outputs(), strict=True, raises=AssertionError, reason=(
-    "severjax.train replicates the initial state with flax's jax_utils.replicate, whose arrays are sharded "
-    "over a mesh axis '_device_put_sharded'; pmap's outputs use the axis 'batch', so the second step sees "
-    "new input shardings and compiles the whole train step again. Fix: train.replicate_state (see the "
-    "benchmark report)"))
 def test_train_steps_after_the_first_compile_nothing():
-    from severjax import optim, train
-
     config = _config()
     model = TinySegmenter()
     tx, schedules = optim.create_optimizer(config.optim, steps_per_epoch=2, epochs=config.epochs)
     variables = model.init(jax.random.key(0), jnp.zeros((1, *CROP, 1)), train=False)
-    state = train.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                                     batch_stats=variables["batch_stats"],
                                     rng=jax.random.key_data(jax.random.key(1)))
-    task = train.make_task(config, schedules)
-    p_train_steps = jax.pmap(functools.partial(train.train_steps, step_fn=task.train_step), axis_name=train.AXIS,
+    task = make_task(config, schedules)
+    p_train_steps = jax.pmap(functools.partial(steps.train_steps, step_fn=task.train_step), axis_name=steps.AXIS,
                              in_axes=(0, 0, None), donate_argnums=(0,))
     base_key = jax.random.wrap_key_data(np.asarray(state.rng))
-    p_state = _replicate(state)
+    p_state = replicate_state(state)  # as train_and_evaluate lays out the initial state
 
     def loop_body(p_state, step, n):  # train_and_evaluate's per-call work: n steps in one call
-        batches = train.stack_batches([_host_batch(step + i, config.batch_size) for i in range(n)])
-        p_state, metrics = p_train_steps(p_state, batches, train.step_keys(base_key, step, n))
+        batches = steps.stack_batches([_host_batch(step + i, config.batch_size) for i in range(n)])
+        p_state, metrics = p_train_steps(p_state, batches, steps.step_keys(base_key, step, n))
         host = jax.device_get(jax_utils.unreplicate(metrics))
         assert host["loss"].shape == (n,) and np.all(np.isfinite(host["loss"]))
         return p_state
@@ -141,18 +121,18 @@ def test_train_steps_after_the_first_compile_nothing():
     assert int(jax_utils.unreplicate(p_state.step)) == 10
 
     # evaluation batches (weights mark padding) and the export copy compile once too
-    p_eval_step = jax.pmap(task.eval_step, axis_name=train.AXIS)
+    p_eval_step = jax.pmap(task.eval_step, axis_name=steps.AXIS)
 
     def eval_batch(seed):  # host batches: evaluate() shards them
         batch = _host_batch(100 + seed, config.batch_size)
         batch["weight"] = np.ones(config.batch_size, np.float32)
         return batch
 
-    train.evaluate(p_eval_step, p_state, [eval_batch(0)])
-    train.host_variables(p_state)
+    segmentation.evaluate(p_eval_step, p_state, [eval_batch(0)])
+    host_variables(p_state)
     with count_compiles() as later:
-        val = train.evaluate(p_eval_step, p_state, [eval_batch(1), eval_batch(2)])
-        train.host_variables(p_state)
+        val = segmentation.evaluate(p_eval_step, p_state, [eval_batch(1), eval_batch(2)])
+        host_variables(p_state)
     assert not later, f"{len(later)} compilation(s) in later evaluations"
     assert val["images"] == 2 * config.batch_size
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from severjax.data.rle import rle_encode
-from severjax.predict.postprocess import (PostprocessConfig, component_sizes, finish_rles, gated_min_area,
-                                          label_components, masks_to_rles, postprocess, postprocess_for_rle,
-                                          reference_postprocess, remove_small_components)
+from severjax.data.rle import masks_to_rles, rle_encode
+from severjax.predict.components import component_sizes, label_components, remove_small_components
+from severjax.predict.postprocess import (PostprocessConfig, finish_rles, gated_min_area, postprocess,
+                                          postprocess_for_rle, reference_postprocess)
 
 
 def smooth_probs(seed, shape=(3, 40, 64, 4), sigma=2.5):

@@ -1,7 +1,6 @@
 """Prediction: ensembles and TTA, parity with PyTorch, the predict CLI end to end, streaming, saved probs."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,25 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from severjax.checkpoint import save_model
+from severjax.cli import predict, tune
 from severjax.data import kaggle
 from severjax.data.rle import rle_encode
 from severjax.data.synthetic import make_dataset
+from severjax.export import save_model
+from severjax.metrics import score_annotations
 from severjax.models import create_model
-from severjax.predict.ensemble import (Ensemble, ProbsWriter, load_members, member_probabilities, predict_images,
-                                       read_saved_probs, stream_batches, tta_probabilities)
+from severjax.predict.ensemble import Ensemble, load_members, member_probabilities, tta_probabilities
 from severjax.predict.postprocess import PostprocessConfig, reference_postprocess
+from severjax.predict.probs import ProbsWriter, read_saved_probs
+from severjax.predict.stream import predict_images, stream_batches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DECODER = [16, 8, 8, 8, 8]
 NORMALIZE = {"mean": 0.3439, "std": 0.196}
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def export(directory, arch="unet", seed=0, head_bias=None, **kw):
@@ -179,7 +174,6 @@ def test_matches_pytorch_smp_with_numpy_postprocessing(data, tmp_path, torch_ref
 
 
 def test_cli_end_to_end_scores_as_score_tool(data, models, tmp_path, capsys):
-    predict, score = load_tool("predict"), load_tool("score")
     out = tmp_path / "sub.csv"
     sample = data / "sample_submission.csv"
     common = ["--checkpoint", models["const"], "--images", str(data / "test_images"), "--batch_size", "3",
@@ -193,12 +187,12 @@ def test_cli_end_to_end_scores_as_score_tool(data, models, tmp_path, capsys):
     written = kaggle.read_submission(str(out))
     assert list(written) == list(kaggle.read_submission(str(sample)))
     assert all(r == ["", "", "1 409600", ""] for r in written.values())
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "score.py"), "--truth",
+    run = subprocess.run([sys.executable, "-m", "severjax.cli.score", "--truth",
                           str(data / "test_truth.csv"), "--submission", str(out)], capture_output=True, text=True,
                          check=True)
     assert run.stdout.strip().splitlines()[-1] == f"score: {summary['score']:.5f}"
     truth = kaggle.read_submission(str(data / "test_truth.csv"))
-    assert summary["score"] == pytest.approx(score.score_annotations(truth, written)[1])
+    assert summary["score"] == pytest.approx(score_annotations(truth, written)[1])
     # Overlays: one PNG an image, the predicted class-3 fill tints every pixel.
     pngs = sorted(os.listdir(tmp_path / "ov"))
     assert len(pngs) == 4
@@ -218,7 +212,6 @@ def test_cli_end_to_end_scores_as_score_tool(data, models, tmp_path, capsys):
 
 
 def test_cli_bad_inputs(data, models, tmp_path):
-    predict = load_tool("predict")
     images = tmp_path / "images"
     images.mkdir()
     base = ["--checkpoint", models["const"], "--images", str(images), "--out", str(tmp_path / "s.csv"), "--quiet"]
@@ -320,7 +313,6 @@ def write_tuning_case(tmp_path, n=24, shape=(32, 48), seed=0):
 
 
 def test_tune_finds_the_separating_setting(tmp_path, capsys):
-    tune = load_tool("tune")
     probs, truth = write_tuning_case(tmp_path)
     report = tune.main(["--probs", probs, "--truth", truth, "--min_area", "0,0,0,0", "--area_grid", "0,5,10,30",
                         "--threshold_grid", "0.5,0.55,0.6", "--folds", "3", "--quiet", "--bootstrap", "500",
@@ -340,7 +332,6 @@ def test_tune_finds_the_separating_setting(tmp_path, capsys):
 
 def test_tune_statistics_equal_exact_post_processing(tmp_path):
     """The per-image numbers the search uses give the same Dice as the jit post-processing, gating included."""
-    tune = load_tool("tune")
     shape, n = (32, 48), 6
     rng = np.random.default_rng(1)
     writer = ProbsWriter(str(tmp_path / "p.npz"), n, shape=shape)
@@ -392,10 +383,9 @@ def test_peak_memory_does_not_grow_with_image_count(data, models, tmp_path):
         folder.mkdir()
         for i in range(count):
             os.symlink(data / "test_images" / sources[i % len(sources)], folder / f"{i:09x}.jpg")
-        code = ("import resource, sys, importlib.util as u; s = u.spec_from_file_location('p', sys.argv[1]); "
-                "m = u.module_from_spec(s); s.loader.exec_module(m); m.main(sys.argv[2:]); "
+        code = ("import resource, sys; from severjax.cli.predict import main; main(sys.argv[1:]); "
                 "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-        run = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "tools", "predict.py"), "--checkpoint",
+        run = subprocess.run([sys.executable, "-c", code, "--checkpoint",
                               models["const"], "--images", str(folder), "--out", str(tmp_path / f"{count}.csv"),
                               "--tta", "none", "--batch_size", "8", "--quiet"], capture_output=True, text=True,
                              check=True)

@@ -1,19 +1,19 @@
-"""Pseudo labels: the selection rules, tools/pseudo_label.py, and (slow) classifier -> pseudo labels ->
+"""Pseudo labels: the selection rules, severjax-pseudo-label, and (slow) classifier -> pseudo labels ->
 training with the fixed share -> prediction gated by the classifier, end to end on synthetic data."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from severjax.checkpoint import save_model
+from severjax import config as severjax_config
+from severjax.cli import pseudo_label as tool
 from severjax.data import kaggle
+from severjax.export import save_model
 from severjax.data.synthetic import make_dataset
 from severjax.models import create_model
 from severjax.predict.postprocess import PostprocessConfig
@@ -23,22 +23,8 @@ NORMALIZE = {"mean": 0.3439, "std": 0.196}
 FULL = "1 409600"  # a class-3 mask covering the whole 256x1600 image
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _config(name):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config()
-    finally:
-        sys.path.remove(os.path.join(ROOT, "configs"))
+    return severjax_config.load(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 def _constant_model(directory, arch, head_bias):
@@ -60,7 +46,6 @@ def _constant_model(directory, arch, head_bias):
 
 
 def test_classifier_verdict():
-    tool = _tool("pseudo_label")
     probs = np.array([[0.95, 0.02, 0.05, 0.01],   # sure, agrees
                       [0.95, 0.02, 0.50, 0.01],   # unsure (class 3 at 0.5)
                       [0.95, 0.02, 0.05, 0.99],   # sure, but class 4 absent from the mask
@@ -74,7 +59,6 @@ def test_classifier_verdict():
 
 
 def test_segmentation_confidence():
-    tool = _tool("pseudo_label")
     config = PostprocessConfig(min_area=(10, 10, 10, 10))
     probs = np.zeros((3, 8, 8, 4), np.float32)
     masks = np.zeros((3, 8, 8, 4), bool)
@@ -88,7 +72,6 @@ def test_segmentation_confidence():
 
 
 def test_bad_arguments_fail_before_loading_models(tmp_path):
-    tool = _tool("pseudo_label")
     base = ["--checkpoint", str(tmp_path / "none"), "--images", str(tmp_path), "--out", str(tmp_path / "p.csv")]
     with pytest.raises(ValueError, match="--lo"):
         tool.main(base + ["--hi", "0.4"])
@@ -113,7 +96,6 @@ def folder(tmp_path_factory):
 
 def test_tool_keeps_confident_images_and_writes_both_layouts(folder, capsys):
     root, models = folder
-    tool = _tool("pseudo_label")
     images = str(root / "data" / "test_images")
     common = ["--checkpoint", models["seg"], "--images", images, "--tta", "none", "--quiet", "--batch_size", "2"]
     out = root / "kept.csv"
@@ -146,8 +128,9 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
     """Tiny runs: a classifier and a U-Net train on synthetic data; the ensemble pseudo-labels the test
     images; a second U-Net trains on labelled + pseudo images at a fixed share; predict gates with the
     classifier. Checks that every stage completes and hands the next one what it needs."""
-    from severjax import train
+    from severjax.cli import predict
     from severjax.data import pipeline, sampling
+    from severjax.train import train_and_evaluate
 
     data = tmp_path / "data"
     make_dataset(data, n_train=40, n_test=12, seed=5)
@@ -167,7 +150,7 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
         config.progress_bar = False
         for key, value in data_overrides.items():
             config.data[key] = value
-        return train.train_and_evaluate(config, str(tmp_path / workdir))
+        return train_and_evaluate(config, str(tmp_path / workdir))
 
     cls = small(_config("cls_b0_quick"), "cls")
     assert cls["step"] == 4 and cls["score_name"] == "auc_mean"
@@ -176,7 +159,6 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
     seg = small(seg_config, "seg")
     assert seg["step"] == 4
 
-    tool = _tool("pseudo_label")
     pseudo_csv = tmp_path / "pseudo.csv"
     images = str(data / "test_images")
     summary = tool.main(["--checkpoint", str(tmp_path / "seg"), "--classifier", str(tmp_path / "cls"),
@@ -201,7 +183,6 @@ def test_end_to_end_classifier_pseudo_labels_training_and_gated_prediction(tmp_p
                   pseudo_alpha=0.0)
     assert mixed["step"] == 4 and np.isfinite(mixed["best_val_score"])
 
-    predict = _tool("predict")
     gated = predict.main(["--checkpoint", str(tmp_path / "seg_pseudo"), "--classifier", str(tmp_path / "cls"),
                           "--images", images, "--out", str(tmp_path / "sub.csv"), "--quiet",
                           "--truth", str(data / "test_truth.csv"), "--tta", "none", "--batch_size", "4"])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from severjax.data.rle import format_runs, rle_decode, rle_encode
+from severjax.data.rle import format_runs, masks_to_rles, rle_decode, rle_dice, rle_encode, runs_to_rles
 
 
 def test_known_example():
@@ -71,3 +71,33 @@ def test_format_runs_edges():
         format_runs(np.arange(4), [3])
     with pytest.raises(ValueError, match="non-negative"):
         format_runs(np.array([1, -2]), [2])
+
+
+def test_masks_to_rles_and_runs_to_rles_agree_with_rle_encode():
+    rng = np.random.default_rng(2)
+    masks = rng.random((3, 7, 5, 4)) < 0.4
+    masks[1, ..., 2] = False  # an empty mask
+    want = [[rle_encode(masks[b, :, :, c]) for c in range(4)] for b in range(3)]
+    assert masks_to_rles(masks) == want == masks_to_rles(masks, masks.sum(axis=(1, 2)))
+    # The same masks as vertical runs (one key a mask, column-major 0-indexed pixels), split at column ends.
+    key, start, end = [], [], []
+    for b in range(3):
+        for c in range(4):
+            column_major = masks[b, :, :, c].T.reshape(-1)
+            for col in range(5):
+                column = column_major[col * 7:(col + 1) * 7]
+                edges = np.flatnonzero(np.diff(np.concatenate([[0], column, [0]]).astype(int)))
+                for top, bottom in zip(edges[0::2], edges[1::2]):
+                    key.append(b * 4 + c)
+                    start.append(col * 7 + top)
+                    end.append(col * 7 + bottom)
+    texts = runs_to_rles(np.array(key), np.array(start), np.array(end), 12)
+    assert [texts[b * 4:(b + 1) * 4] for b in range(3)] == want
+    assert runs_to_rles(np.zeros(0, int), np.zeros(0, int), np.zeros(0, int), 2) == ["", ""]
+
+
+def test_rle_dice():
+    shape = (4, 5)
+    assert rle_dice("", "", shape) == 1.0
+    assert rle_dice("1 3", "", shape) == 0.0 and rle_dice("", "1 3", shape) == 0.0
+    assert rle_dice("1 4", "3 4", shape) == pytest.approx(2 * 2 / 8)

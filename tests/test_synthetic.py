@@ -13,7 +13,6 @@ from PIL import Image
 from severjax.data import kaggle, synthetic
 from severjax.data.rle import rle_decode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POST_MIN_AREA = (600, 600, 1000, 2000)  # the original's post-processing minimum areas
 FILES = ("train.csv", "sample_submission.csv", "test_truth.csv")
 
@@ -170,14 +169,11 @@ def test_statistics_like_kaggle(tmp_path):
 
 
 def test_cli(tmp_path):
-    tool = os.path.join(ROOT, "tools", "make_synthetic.py")
-    help_text = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True, check=True).stdout
+    from severjax.cli import make_synthetic
+
+    help_text = subprocess.run([sys.executable, "-m", "severjax.cli.make_synthetic", "--help"], capture_output=True,
+                               text=True, check=True).stdout
     assert "--seed" in help_text and "--out" in help_text
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import make_synthetic
-    finally:
-        sys.path.pop(0)
     summary = make_synthetic.main(["--out", str(tmp_path / "cli"), "--train", "3", "--test", "2", "--seed", "4",
                                    "--quiet"])
     assert summary["n_train"] == 3

@@ -1,43 +1,7 @@
-"""Writes a synthetic steel-defect data set in the Kaggle Severstal layout.
+"""``python tools/make_synthetic.py ...`` = the console script ``severjax-make-synthetic ...`` (``severjax.cli.make_synthetic``; needs the
+package installed: ``pip install -e .``)."""
 
-    python tools/make_synthetic.py --out /tmp/severstal_synth --train 400 --test 100 --seed 0
-
-Output: train_images/, test_images/ (256x1600 JPEGs, 3 identical channels), train.csv
-(ImageId,ClassId,EncodedPixels; defect rows only), sample_submission.csv and test_truth.csv
-(ImageId_ClassId,EncodedPixels; 4 rows per test image). The same seed gives byte-identical files.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import os
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from severjax.data.synthetic import make_dataset  # noqa: E402
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--train", type=int, default=400, help="number of training images")
-    parser.add_argument("--test", type=int, default=100, help="number of test images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
-    parser.add_argument("--workers", type=int, default=1, help="processes rendering images (output does not depend on it)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    summary = make_dataset(args.out, args.train, args.test, args.seed, num_workers=args.workers,
-                           overwrite=args.overwrite, progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    print(json.dumps(summary))
-    print(f"wrote {args.train + args.test} images to {args.out} in {seconds:.1f} s")
-    return summary
-
+from severjax.cli.make_synthetic import entry
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(entry())

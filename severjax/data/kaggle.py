@@ -59,6 +59,33 @@ def read_submission(csv_path: str, shape=KAGGLE_SHAPE) -> Annotations:
     return _read_rows(csv_path, shape, require_all_classes=True)
 
 
+def read_pair(truth_csv: str, submission_csv: str, truth_images: str | None = None
+              ) -> tuple[Annotations, Annotations]:
+    """Reads a truth and a submission CSV for scoring; a side in the post layout is completed with empty rows.
+
+    The post layout (defect rows only) cannot say which images it covers: a post-layout truth without
+    ``truth_images`` (its image folder) takes the submission's images it does not mention as defect-free,
+    and a post-layout submission predicts "no defect" for the truth's images it does not mention.
+    Competition-layout files list every image, so there an image one side lacks stays missing (and
+    ``severjax.metrics.score_annotations`` names it).
+    """
+    submission = read_submission(submission_csv)
+    truth = read_train_csv(truth_csv, truth_images) if truth_images else read_submission(truth_csv)
+    if not truth_images and is_post_layout(truth_csv):
+        for image_id in submission:
+            truth.setdefault(image_id, [""] * NUM_CLASSES)
+    if is_post_layout(submission_csv):
+        for image_id in truth:
+            submission.setdefault(image_id, [""] * NUM_CLASSES)
+    return truth, submission
+
+
+def is_post_layout(csv_path: str) -> bool:
+    """Whether a CSV's header is the post-competition layout's (``ImageId,ClassId,EncodedPixels``)."""
+    with open(csv_path, newline="", errors="replace") as f:
+        return f.readline().strip().lstrip("\ufeff").replace(" ", "") == ",".join(POST_HEADER)
+
+
 def write_submission(path: str, rows: Mapping[str, Sequence[str]], layout: str = "competition",
                      order: Sequence[str] | None = None) -> None:
     """Writes ``{image_id: [4 RLE]}`` as a Kaggle CSV.
@@ -130,7 +157,7 @@ def _read_rows(csv_path: str, shape, require_all_classes: bool) -> Annotations:
         csv.field_size_limit(MAX_FIELD_CHARS)
     with open(csv_path, newline="") as f:
         reader = csv.reader(f)
-        header = tuple(h.strip().lstrip("\ufeff") for h in next(reader, ()))
+        header = tuple(h.strip().lstrip("\ufeff") for h in next(_checked(csv_path, reader, reader), ()))
         if header == COMPETITION_HEADER:
             rows = _competition_rows(csv_path, reader)
         elif header == POST_HEADER:
@@ -141,7 +168,7 @@ def _read_rows(csv_path: str, shape, require_all_classes: bool) -> Annotations:
                 f"{','.join(COMPETITION_HEADER)} nor the post-competition layout {','.join(POST_HEADER)}")
         annotations: Annotations = {}
         seen_rows: dict[tuple[str, int], int] = {}
-        for line, image_id, class_id, rle in rows:
+        for line, image_id, class_id, rle in _checked(csv_path, reader, rows):
             key = (image_id, class_id)
             if key in seen_rows:
                 raise ValueError(
@@ -159,6 +186,18 @@ def _read_rows(csv_path: str, shape, require_all_classes: bool) -> Annotations:
             if absent:
                 raise ValueError(f"{csv_path}: image {image_id} lacks rows for class(es) {absent}")
     return annotations
+
+
+def _checked(csv_path: str, reader, items: Iterable):
+    """``items`` one by one, the csv module's and the text decoder's errors turned into ValueErrors that name
+    the file and the line (``reader`` counts the lines)."""
+    try:
+        yield from items
+    except csv.Error as err:
+        raise ValueError(f"{csv_path}:{reader.line_num}: not readable as CSV: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{csv_path}: not UTF-8 text (byte {err.start} of a block is "
+                         f"{err.object[err.start:err.start + 1]!r})") from None
 
 
 def _competition_rows(csv_path: str, reader: Iterable[list[str]]):

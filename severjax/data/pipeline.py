@@ -33,12 +33,8 @@ import jax
 from absl import flags
 import numpy as np
 
+from severjax.config import KAGGLE_HINT
 from severjax.data import augment, kaggle, tfds_severstal
-
-KAGGLE_HINT = (
-    "download it with `kaggle competitions download -c severstal-steel-defect-detection`, unzip it so the "
-    "folder holds train.csv and train_images/, and point --config.data.dir at it "
-    "(or set config.data.synthetic to generate a synthetic set there)")
 
 # Per-worker read-ahead: decoded records are ~2 MB each (image + 4-channel mask), so grain's default of
 # 500 buffered records per worker would hold ~1 GB; a few batches ahead keep the augmenting thread busy.

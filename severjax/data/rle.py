@@ -1,9 +1,15 @@
-"""Kaggle run-length encoding of masks.
+"""Kaggle run-length encoding of masks: the one home of RLE text.
 
 Pixels are numbered from 1, top to bottom then left to right (column-major); an RLE string is
 space-separated "start length" pairs in increasing order; "" is the empty mask. Both directions are
-vectorised with numpy (no Python loop over pixels or runs). ``format_runs`` writes the numbers of many
-masks at once (``severjax.predict.postprocess`` encodes a whole batch with one call).
+vectorised with numpy (no Python loop over pixels or runs).
+
+- ``rle_encode`` / ``rle_decode`` / ``parse_runs``: one mask <-> one string (``parse_runs`` checks a string
+  without building the mask);
+- ``masks_to_rles``: a batch of ``(B, H, W, C)`` masks -> ``[[rle per class] per image]``;
+- ``runs_to_rles``: many masks given as vertical runs (what ``severjax.predict.postprocess.finish_rles``
+  holds) -> their strings in one pass, through ``format_runs``, which writes the numbers of many masks at once;
+- ``rle_dice``: the competition's Dice of two RLE strings (empty/empty scores 1).
 """
 
 from __future__ import annotations
@@ -90,13 +96,53 @@ def parse_runs(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> tuple[np.ndar
     return starts, lengths
 
 
+def masks_to_rles(masks: np.ndarray, areas: np.ndarray | None = None) -> list[list[str]]:
+    """Kaggle RLE strings ``[[rle per class] per image]`` of bool masks ``(B, H, W, C)``.
+
+    ``areas`` ``(B, C)``, when known, skips the empty masks (their string is "")."""
+    masks = np.asarray(masks)
+    if masks.ndim != 4:
+        raise ValueError(f"masks_to_rles needs (B, H, W, C) masks, got shape {masks.shape}")
+    areas = masks.any(axis=(1, 2)) if areas is None else np.asarray(areas)
+    return [[rle_encode(masks[b, :, :, c]) if areas[b, c] else "" for c in range(masks.shape[-1])]
+            for b in range(masks.shape[0])]
+
+
+def runs_to_rles(key: np.ndarray, start: np.ndarray, end: np.ndarray, groups: int) -> list[str]:
+    """RLE strings of ``groups`` masks given as runs of pixels down the columns.
+
+    Run i belongs to mask ``key[i]`` and covers the 0-indexed column-major pixels ``start[i]`` to ``end[i]``
+    (exclusive); runs are sorted by key, then position. A run that ends a column and one of the same mask
+    that starts the next column touch in the RLE order: they become one RLE run.
+    """
+    if key.size == 0:
+        return [""] * groups
+    joined = (key[1:] == key[:-1]) & (start[1:] == end[:-1])
+    first = np.concatenate([[True], ~joined])
+    last = np.concatenate([~joined, [True]])
+    starts = start[first] + 1  # 1-indexed
+    values = np.stack([starts, end[last] + 1 - starts], axis=1).reshape(-1)
+    return format_runs(values, 2 * np.bincount(key[first], minlength=groups))
+
+
+def rle_dice(truth_rle: str, pred_rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> float:
+    """Dice of two masks given as RLE strings: ``2|P∩T| / (|P| + |T|)``, and 1 when both are empty."""
+    if not truth_rle and not pred_rle:
+        return 1.0
+    if not truth_rle or not pred_rle:
+        return 0.0
+    t, p = rle_decode(truth_rle, shape), rle_decode(pred_rle, shape)
+    return float(2.0 * np.logical_and(t, p).sum() / (t.sum() + p.sum()))
+
+
 def format_runs(values: np.ndarray, counts: Sequence[int]) -> list[str]:
     """Space-separated decimal text of consecutive groups of ``values`` (group i: the next ``counts[i]``).
 
     ``values`` are non-negative integers (RLE starts and lengths). One vectorised pass over all groups:
     every number becomes a fixed-width record of digits (three at a time from a 1000-row table) and a
     separator, a table indexed by the digit count says which bytes of a record to keep, and one boolean
-    selection writes the text. ~5x faster than ``str`` per number, which dominated the RLE of a batch.
+    selection writes the text, rather than a ``str`` call a number (docs/performance.md, "Post-processing
+    and RLE").
     """
     values = np.asarray(values)
     counts = np.asarray(counts, dtype=np.int64)

@@ -12,11 +12,11 @@ CSV row has four empty masks). Features of a record:
 :func:`decode_record` turns a record read back into {"image_id": str, "image", "mask": uint8
 (256, 1600, 4) exactly ``kaggle.masks_from_rles``, "n_classes"}.
 
-Storage, chosen by read speed (benchmarks/bench_pipeline.py): ``image`` is a raw-bytes
-``tfds.features.Tensor`` (400 KiB a record, ~5 GB for the 12,568 real images; read back with
-``np.frombuffer``); masks are kept as RLE text (bytes a record; ~1 ms to decode, nothing when empty).
-PNG images cost ~5 ms a record to decode, PNG or zlib-compressed 4-channel masks ~11 ms: together
-more than the augmentation itself. Everything is exact by construction.
+Storage, chosen by read speed: ``image`` is a raw-bytes ``tfds.features.Tensor`` (400 KiB a record,
+about 5 GB for the 12,568 real images; read back with ``np.frombuffer``, no decoding); masks are kept as
+RLE text (bytes a record; nothing to decode when empty). Decoding PNG images or compressed 4-channel
+masks would cost more than the augmentation itself (docs/performance.md, "Input pipeline"). Everything
+is exact by construction.
 
 Working without TensorFlow: TFDS needs TF only to encode or decode *images* (``tfds.features.Image``);
 ``Tensor`` and ``Text`` features are written and read with numpy, and ``builder.as_data_source(split)``
@@ -64,7 +64,7 @@ class Severstal(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {
         "1.0.0": "Images and masks as PNG, records in sorted image-id order.",
-        "2.0.0": "Raw-bytes image tensor and the masks as RLE text: ~6x faster to read than PNG.",
+        "2.0.0": "Raw-bytes image tensor and the masks as RLE text: faster to read than PNG.",
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_INSTRUCTIONS
 

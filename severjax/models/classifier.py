@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from severjax.models.base import EncoderModel
 from severjax.models.layers import xavier_uniform
-from severjax.models.registry import EncoderModel
 
 Dtype = Any
 

@@ -1,11 +1,24 @@
 """PyTorch (SMP) state dicts -> Flax variables: a table of name rules plus the few layout changes.
 
-Name rule (documented in :mod:`severjax.models.layers`): a torch key ``a.b.0.c.weight`` names the Flax module
-path ``a/b_0/c`` (every all-digit segment glued to the one before it with ``_``) and the leaf ``weight``.
-Leaf rules (:data:`LEAF_RULES`): ``weight`` -> ``params/kernel`` (conv OIHW -> HWIO, dense transposed) or
-``params/scale`` (norms); ``bias`` -> ``params/bias``; ``running_mean``/``running_var`` ->
-``batch_stats/mean``/``var``; ``num_batches_tracked`` dropped. The expected Flax tree comes from
-``jax.eval_shape(model.init, ...)``; every mismatch is reported at once and nothing loads partially.
+Naming rule (PyTorch state-dict key <-> Flax variable path)
+-----------------------------------------------------------
+Flax submodules are named after the PyTorch module attributes, so conversion is a table of name rules
+(:func:`torch_key_to_flax_path`):
+
+* Split the torch key on ``"."``; glue every all-digit segment onto the segment before it with ``"_"``.
+  ``encoder._blocks.3._bn1.weight`` -> module path ``encoder/_blocks_3/_bn1``;
+  ``decoder.seg_blocks.0.block.1.block.0.weight`` -> ``decoder/seg_blocks_0/block_1/block_0``;
+  ``segmentation_head.0.weight`` -> ``segmentation_head_0``. Models name torch ``nn.Sequential``/``nn.ModuleList``
+  children ``f"{attr}_{index}"`` in Flax. Torch names that literally contain ``_<digits>`` (Inception-v4's
+  ``branch1_0``) keep their name unchanged: the rule only ever rewrites ``.<digits>``.
+* Leaves (:data:`LEAF_RULES`): ``Conv2d`` ``kernel`` <-> ``weight`` (OIHW -> HWIO; a depthwise kernel
+  ``(C, 1, kh, kw)`` becomes ``(kh, kw, 1, C)``, the Flax ``feature_group_count`` layout), ``bias`` <-> ``bias``;
+  ``nn.Dense`` ``kernel`` <-> ``weight`` transposed; ``BatchNorm2d``/``GroupNorm`` ``scale``/``bias`` <->
+  ``weight``/``bias``; ``batch_stats`` ``mean``/``var`` <-> ``running_mean``/``running_var``
+  (``num_batches_tracked`` is dropped: Flax keeps no counter and torch uses it only when ``momentum=None``).
+
+The expected Flax tree comes from ``jax.eval_shape(model.init, ...)``; every mismatch is reported at once and
+nothing loads partially.
 
 The first convolution may be recycled from 3 input channels to the model's 1 (``first_conv``):
 ``r``/``g``/``b`` take channel 0/1/2, ``sum`` adds them (SMP's own rule for ``in_channels=1``), ``mean``

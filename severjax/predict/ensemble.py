@@ -1,6 +1,6 @@
 """Ensembles: N exported models (+ optional classifiers) -> averaged probabilities -> post-processed masks.
 
-``load_members`` reads exported models or training workdirs (``severjax.checkpoint.load_model``); archs and
+``load_members`` reads exported models or training workdirs (``severjax.export.load_model``); archs and
 encoders may differ, and each member normalises the uint8 images with its own ``model.json`` values.
 ``Ensemble`` runs one jit-compiled forward a member (all TTA views in one batch, flips undone, view
 probabilities averaged; compiled once per architecture, TTA and shape, so members of one architecture
@@ -9,13 +9,12 @@ and post-processes in one more jit: no more than one batch of probabilities is a
 
 TTA views: ``none``; ``w`` (identity + horizontal flip, the original's choice); ``h`` (identity + vertical
 flip); ``hw`` (identity, both single flips and the double flip). Views are averaged by their mean.
-Members are averaged by ``mean`` (the original's choice), ``rms`` (sqrt of the weighted mean of squares:
-it cost the original first place, 0.90876 -> 0.90259 private) or ``geo`` (weighted geometric mean).
-Classifiers (``arch="classifier"``, ``(B, 4)`` logits) are averaged by the mean of their probabilities
-and gate the minimum areas (see ``postprocess``).
+Members are averaged by ``mean`` (the original's choice), ``rms`` (sqrt of the weighted mean of squares;
+the original's private-leaderboard scores with each are in docs/fidelity.md) or ``geo`` (weighted
+geometric mean). Classifiers (``arch="classifier"``, ``(B, 4)`` logits) are averaged by the mean of their
+probabilities and gate the minimum areas (see ``severjax.predict.postprocess``).
 
-``stream_batches`` reads images in a background thread, one bounded queue of batches ahead, so memory
-stays flat whatever the number of images; ``predict_images`` drives the whole loop.
+Images reach an ensemble through ``severjax.predict.stream`` (``predict_images``).
 """
 
 from __future__ import annotations
@@ -23,26 +22,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import queue
-import threading
-import zipfile
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from severjax.checkpoint import load_model
-from severjax.data.kaggle import KAGGLE_SHAPE, load_image
-from severjax.predict.postprocess import PostprocessConfig, finish_rles, postprocess_for_rle
+from severjax.export import DEFAULT_NORMALIZE, load_model
+from severjax.predict.postprocess import PostprocessConfig, postprocess_for_rle
 
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "w", "h", "hw")
 AVERAGES = ("mean", "rms", "geo")
-# The original models' normalisation (configs/common.py), used for a spec without "normalize".
-DEFAULT_NORMALIZE = {"mean": 0.3439, "std": 0.0383}
 _TINY = float(np.finfo(np.float32).tiny)
 
 
@@ -204,227 +196,3 @@ def _finish_and_postprocess(acc, class_probs, *, average: str, config: Postproce
 def _check_images(images):
     if images.ndim != 4 or images.shape[-1] != 1 or images.dtype != jnp.uint8:
         raise ValueError(f"images must be uint8 (B, H, W, 1), got {images.dtype} {images.shape}")
-
-
-# ---------------------------------------------------------------------------------------- streaming
-
-
-class Batch(NamedTuple):
-    """A batch as read: ``images`` uint8 ``(batch_size, H, W, 1)``, zero-padded past the good images;
-    ``entries``: ``(image_id, error)`` in reading order, error None for the good images, which fill
-    ``images`` in that order."""
-
-    entries: list[tuple[str, str | None]]
-    images: np.ndarray
-
-
-class ImageResult(NamedTuple):
-    """One image's prediction: four RLE strings (empty on error), areas, classifier probs, masks, probs."""
-
-    image_id: str
-    rles: list[str]
-    areas: np.ndarray | None
-    class_probs: np.ndarray | None
-    error: str | None
-    masks: np.ndarray | None = None  # bool (H, W, C), with keep_masks
-    probs: np.ndarray | None = None  # uint8 (H, W, C) = round(255 p), with keep_probs
-
-
-def stream_batches(paths: Sequence[str], batch_size: int, *, skip_bad: bool = False, prefetch: int = 2,
-                   shape=KAGGLE_SHAPE, loader: Callable[..., np.ndarray] = load_image) -> Iterator[Batch]:
-    """Yields fixed-size batches of images read by a background thread ``prefetch`` batches ahead.
-
-    A bad image (unreadable, wrong size) raises its error, naming the file, unless ``skip_bad``: then it is
-    an entry with its error message and the run goes on. Every batch is zero-padded to ``batch_size`` so
-    the compiled functions see one shape.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} must be >= 1")
-    slots: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader():
-        try:
-            for start in range(0, len(paths), batch_size):
-                images = np.zeros((batch_size, *shape, 1), np.uint8)
-                entries, good = [], 0
-                for path in paths[start:start + batch_size]:
-                    image_id = os.path.basename(path)
-                    try:
-                        images[good] = loader(path, shape)
-                    except Exception as err:  # noqa: BLE001 - reported (skip_bad) or re-raised below
-                        if not skip_bad:
-                            raise
-                        entries.append((image_id, f"{type(err).__name__}: {err}"))
-                        continue
-                    entries.append((image_id, None))
-                    good += 1
-                if not put(Batch(entries, images)):
-                    return
-            put(None)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises
-            put(err)
-
-    thread = threading.Thread(target=reader, name="severjax-image-reader", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = slots.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-
-
-def predict_images(ensemble: Ensemble, paths: Sequence[str], batch_size: int, *, skip_bad: bool = False,
-                   keep_masks: bool = False, keep_probs: bool = False, prefetch: int = 2) -> Iterator[ImageResult]:
-    """Predicts the images of ``paths`` in order, one result an image (bad ones carry their error, with
-    ``skip_bad``). The device works on batch k while the host encodes batch k-1 (jax dispatch is async)."""
-    pending = None
-    for batch in stream_batches(paths, batch_size, skip_bad=skip_bad, prefetch=prefetch):
-        if keep_probs:
-            probs, class_probs = ensemble.probabilities(batch.images)
-            outputs = (postprocess_for_rle(probs, ensemble.postprocess_config, class_probs), class_probs,
-                       quantize_probs(probs))
-        else:
-            outputs = (*ensemble(batch.images), None)
-        if pending is not None:
-            yield from _host_results(*pending, keep_masks)
-        pending = (batch, outputs)
-    if pending is not None:
-        yield from _host_results(*pending, keep_masks)
-
-
-@jax.jit
-def quantize_probs(probs):
-    """uint8 ``round(255 p)``: what ``--save_probs`` stores (1/255 resolution, 4x smaller than float32)."""
-    return jnp.round(jnp.clip(probs, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
-def _host_results(batch: Batch, outputs, keep_masks: bool) -> Iterator[ImageResult]:
-    runs, class_probs, probs = outputs
-    n = sum(error is None for _, error in batch.entries)
-    rles, areas, masks = finish_rles(jax.tree.map(lambda x: x[:n], runs), keep_masks)
-    class_probs = None if class_probs is None else np.asarray(class_probs[:n])
-    probs = None if probs is None else np.asarray(probs[:n])
-    slot = 0
-    for image_id, error in batch.entries:
-        if error is not None:
-            yield ImageResult(image_id, [""] * areas.shape[-1], None, None, error)
-            continue
-        yield ImageResult(image_id, rles[slot], areas[slot], None if class_probs is None else class_probs[slot], None,
-                          masks[slot] if keep_masks else None,
-                          None if probs is None else probs[slot])
-        slot += 1
-
-
-# ------------------------------------------------------------------------------------ saved probabilities
-
-
-class ProbsWriter:
-    """Streams quantised probabilities to an ``.npz`` (for ``tools/tune.py``) without holding them in memory.
-
-    The file holds ``probs`` uint8 ``(N, H, W, C)`` = round(255 p), ``image_ids`` ``(N,)``, ``valid`` bool
-    ``(N,)`` (False for images that failed to load, whose probs are zeros) and, with classifiers,
-    ``class_probs`` float32 ``(N, C)``. It is written under a temporary name and renamed by ``close``.
-    """
-
-    def __init__(self, path: str, num_images: int, shape=KAGGLE_SHAPE, classes: int = 4):
-        self.path, self.tmp = path, path + ".tmp"
-        self.item_shape = (*shape, classes)
-        self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._member = self._zip.open("probs.npy", "w", force_zip64=True)
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": (num_images, *self.item_shape)}
-        np.lib.format.write_array_header_2_0(self._member, header)
-        self.num_images, self.ids, self.valid, self.class_probs = num_images, [], [], []
-
-    def write(self, image_id: str, probs_u8: np.ndarray | None, class_probs: np.ndarray | None = None) -> None:
-        """Appends one image (``probs_u8`` None: a failed image, stored as zeros and ``valid=False``)."""
-        if len(self.ids) >= self.num_images:
-            raise ValueError(f"{self.path}: more than the announced {self.num_images} images")
-        data = np.zeros(self.item_shape, np.uint8) if probs_u8 is None else np.asarray(probs_u8, np.uint8)
-        if data.shape != self.item_shape:
-            raise ValueError(f"{self.path}: probabilities of {image_id} are {data.shape}, expected {self.item_shape}")
-        self._member.write(np.ascontiguousarray(data).tobytes())
-        self.ids.append(image_id)
-        self.valid.append(probs_u8 is not None)
-        self.class_probs.append(class_probs)
-
-    def close(self) -> None:
-        """Finishes the file; fewer images than announced is an error (the partial file is removed)."""
-        self._member.close()
-        try:
-            if len(self.ids) != self.num_images:
-                raise ValueError(f"{self.path}: {len(self.ids)} images written, {self.num_images} announced")
-            self._save("image_ids", np.asarray(self.ids))
-            self._save("valid", np.asarray(self.valid, bool))
-            if any(c is not None for c in self.class_probs):
-                classes = self.item_shape[-1]
-                self._save("class_probs", np.stack([np.full(classes, np.nan, np.float32) if c is None
-                                                    else np.asarray(c, np.float32) for c in self.class_probs]))
-            self._zip.close()
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self._zip.close()
-            os.remove(self.tmp)
-            raise
-
-    def _save(self, name: str, array: np.ndarray) -> None:
-        with self._zip.open(name + ".npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, array, allow_pickle=False)
-
-
-class SavedProbs(NamedTuple):
-    image_ids: np.ndarray
-    valid: np.ndarray
-    class_probs: np.ndarray | None
-    shape: tuple[int, ...]
-
-
-def read_saved_probs(path: str) -> tuple[SavedProbs, Callable[[int], Iterator[np.ndarray]]]:
-    """Opens a ``ProbsWriter`` file: its small arrays, and ``chunks(n)`` streaming ``probs`` n images at a time."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"probabilities file {path} does not exist")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"image_ids", "valid", "probs"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)}: not written by tools/predict.py --save_probs")
-        ids, valid = npz["image_ids"], npz["valid"]
-        class_probs = npz["class_probs"] if "class_probs" in npz.files else None
-    with zipfile.ZipFile(path) as zf, zf.open("probs.npy") as f:
-        shape, _, dtype = _read_header(f)
-    if dtype != np.uint8 or len(shape) != 4 or shape[0] != len(ids):
-        raise ValueError(f"{path}: probs.npy is {dtype} {shape}, expected uint8 ({len(ids)}, H, W, C)")
-
-    def chunks(n: int) -> Iterator[np.ndarray]:
-        item = int(np.prod(shape[1:]))
-        with zipfile.ZipFile(path) as zf, zf.open("probs.npy") as f:
-            _read_header(f)
-            for start in range(0, shape[0], n):
-                count = min(n, shape[0] - start)
-                data = f.read(item * count)
-                if len(data) != item * count:
-                    raise ValueError(f"{path}: probs.npy is truncated at image {start}")
-                yield np.frombuffer(data, np.uint8).reshape(count, *shape[1:])
-
-    return SavedProbs(ids, valid, class_probs, tuple(shape)), chunks
-
-
-def _read_header(f):
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read(f)

@@ -14,7 +14,8 @@ from flax import jax_utils
 from flax.training import train_state
 from scipy import stats
 
-from severjax import classify
+from severjax.train import classification
+from severjax.train.steps import AXIS
 
 
 def _trapezoid_auc(scores, labels):
@@ -33,7 +34,7 @@ def test_image_labels_from_masks():
     masks = np.zeros((2, 8, 8, 4), np.float32)
     masks[0, 3, 4, 1] = 1
     masks[1, :, :, 3] = 1
-    np.testing.assert_array_equal(classify.image_labels(jnp.asarray(masks)), [[0, 1, 0, 0], [0, 0, 0, 1]])
+    np.testing.assert_array_equal(classification.image_labels(jnp.asarray(masks)), [[0, 1, 0, 0], [0, 0, 0, 1]])
 
 
 def test_classifier_loss_is_mean_bce():
@@ -41,7 +42,7 @@ def test_classifier_loss_is_mean_bce():
     labels = jnp.array([[1.0, 0.0], [1.0, 0.0]])
     p = 1 / (1 + np.exp(-np.asarray(logits)))
     expected = -np.mean(np.asarray(labels) * np.log(p) + (1 - np.asarray(labels)) * np.log(1 - p))
-    np.testing.assert_allclose(classify.classifier_loss(logits, labels), expected, rtol=1e-6)
+    np.testing.assert_allclose(classification.classifier_loss(logits, labels), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -49,33 +50,33 @@ def test_roc_auc_matches_trapezoid_and_mann_whitney(seed):
     rng = np.random.default_rng(seed)
     labels = rng.random(200) < 0.3
     scores = np.round(rng.random(200) + 0.3 * labels, 1)  # rounding makes many ties
-    auc = classify.roc_auc(scores, labels)
+    auc = classification.roc_auc(scores, labels)
     assert auc == pytest.approx(_trapezoid_auc(scores, labels.astype(int)), abs=1e-12)
     u = stats.mannwhitneyu(scores[labels], scores[~labels]).statistic
     assert auc == pytest.approx(u / (labels.sum() * (~labels).sum()), abs=1e-12)
 
 
 def test_roc_auc_edges():
-    assert classify.roc_auc([0.1, 0.9], [0, 1]) == 1.0
-    assert classify.roc_auc([0.9, 0.1], [0, 1]) == 0.0
-    assert classify.roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
-    assert np.isnan(classify.roc_auc([0.2, 0.3], [1, 1]))
+    assert classification.roc_auc([0.1, 0.9], [0, 1]) == 1.0
+    assert classification.roc_auc([0.9, 0.1], [0, 1]) == 0.0
+    assert classification.roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5
+    assert np.isnan(classification.roc_auc([0.2, 0.3], [1, 1]))
     with pytest.raises(ValueError, match="scores"):
-        classify.roc_auc([0.1, 0.2], [0, 1, 1])
+        classification.roc_auc([0.1, 0.2], [0, 1, 1])
     with pytest.raises(ValueError, match="non-finite"):
-        classify.roc_auc([np.nan, 0.2], [0, 1])
+        classification.roc_auc([np.nan, 0.2], [0, 1])
 
 
 def test_per_class_accuracy_and_metrics():
     probs = np.array([[0.9, 0.2], [0.4, 0.7], [0.6, 0.1], [0.0, 0.0]])
     labels = np.array([[1, 0], [0, 1], [0, 0], [1, 1]])
-    np.testing.assert_allclose(classify.per_class_accuracy(probs, labels), [0.5, 0.75])
-    metrics = classify.classification_metrics(probs, labels, weights=np.array([1, 1, 1, 0]))
+    np.testing.assert_allclose(classification.per_class_accuracy(probs, labels), [0.5, 0.75])
+    metrics = classification.classification_metrics(probs, labels, weights=np.array([1, 1, 1, 0]))
     assert metrics["images"] == 3
     np.testing.assert_allclose(metrics["accuracy"], [2 / 3, 1.0])
     assert metrics["auc"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="shape"):
-        classify.per_class_accuracy(probs[:, :1], labels)
+        classification.per_class_accuracy(probs[:, :1], labels)
 
 
 class _TinyClassifier(nn.Module):
@@ -112,8 +113,8 @@ def test_train_step_learns_and_eval_reports_auc():
     state = _State.create(apply_fn=model.apply, params=variables["params"], tx=optax.adam(3e-2),
                           batch_stats=variables["batch_stats"])
     p_state = jax_utils.replicate(state)
-    p_train = jax.pmap(classify.train_step, axis_name=classify.AXIS, in_axes=(0, 0, None))
-    p_eval = jax.pmap(functools.partial(classify.eval_step), axis_name=classify.AXIS)
+    p_train = jax.pmap(classification.train_step, axis_name=AXIS, in_axes=(0, 0, None))
+    p_eval = jax.pmap(functools.partial(classification.eval_step), axis_name=AXIS)
     shard = lambda b: {k: np.asarray(v)[None] for k, v in b.items()}  # one local device
     rng = np.random.default_rng(0)
     losses = []
@@ -122,13 +123,13 @@ def test_train_step_learns_and_eval_reports_auc():
         losses.append(float(metrics["loss"][0]))
     assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5])
     val = [_batch(np.random.default_rng(100 + i)) for i in range(4)]
-    result = classify.evaluate(p_eval, p_state, val, shard)
+    result = classification.evaluate(p_eval, p_state, val)
     assert result["images"] == 32
     assert min(result["auc"]) > 0.8 and result["accuracy_mean"] > 0.7
     # the jit (axis_name=None) step gives the same update as the one-device pmap step (whose
     # dropout key is the step key folded with device index 0)
     batch = _batch(np.random.default_rng(5))
-    jit_state, jit_metrics = jax.jit(functools.partial(classify.train_step, axis_name=None))(
+    jit_state, jit_metrics = jax.jit(functools.partial(classification.train_step, axis_name=None))(
         state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.fold_in(jax.random.key(1), 0))
     pm_state, pm_metrics = p_train(jax_utils.replicate(state), shard(batch), jax.random.key(1))
     np.testing.assert_allclose(jit_metrics["loss"], pm_metrics["loss"][0], rtol=1e-5)

@@ -1,4 +1,4 @@
-"""severjax.hostmem: the GLIBC_TUNABLES edit, the one-time restart, and that malloc then faults in huge pages."""
+"""severjax.ops.hostmem: the GLIBC_TUNABLES edit, the one-time restart, and that malloc then faults in huge pages."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import textwrap
 
 import pytest
 
-from severjax import hostmem
+from severjax.ops import hostmem
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CAN_RESTART = (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
                and hostmem.thp_mode() in ("always", "madvise"))
 
@@ -42,7 +42,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 RESTART = """
     import os
-    from severjax import hostmem
+    from severjax.ops import hostmem
     print("start", os.getpid(), flush=True)
     hostmem.reexec_with_huge_pages()
     print("main", os.getpid(), os.environ.get("GLIBC_TUNABLES"), hostmem.huge_pages_status())

@@ -15,9 +15,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from severjax.models.base import EncoderModel
 from severjax.models.layers import (Conv2d, GroupNorm, channel_dropout, kaiming_uniform_relu,
-                                    resize_bilinear_align_corners, upsample_nearest, xavier_uniform)
-from severjax.models.registry import EncoderModel
+                                    resize_bilinear_align_corners, xavier_uniform)
+from severjax.ops import upsample_nearest
 
 Dtype = Any
 MERGE_POLICIES = ("add", "cat")

@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from severjax.models.layers import BatchNorm2d, Conv2d, drop_connect, same_padding, swish
+from severjax.models.layers import BatchNorm2d, Conv2d, drop_connect, same_padding
+from severjax.ops import swish
 
 Dtype = Any
 
@@ -133,7 +134,7 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetEncoder(nn.Module):
-    """SMP's EfficientNet encoder: 6 features (input, strides 2..32); see :mod:`severjax.models.layers`."""
+    """SMP's EfficientNet encoder: 6 features (input, strides 2..32); the interface is in :mod:`severjax.models.base`."""
 
     variant: str
     in_channels: int = 3
@@ -162,9 +163,6 @@ class EfficientNetEncoder(nn.Module):
             if i in out_indexes:
                 features.append(y)
         return features
-
-
-ENCODERS = {name: functools.partial(EfficientNetEncoder, variant=name) for name in VARIANTS}
 
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:

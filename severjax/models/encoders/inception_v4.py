@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from severjax.models.layers import BatchNorm2d, Conv2d, max_pool2d
+from severjax.models.layers import BatchNorm2d, Conv2d
+from severjax.ops import max_pool2d
 
 _TAPS = (2, 4, 8, 14, 21)
 _OUT_CHANNELS = (64, 192, 384, 1024, 1536)
@@ -173,9 +174,6 @@ class InceptionC(nn.Module):
                               conv(256, (3, 1), "branch2_3b")(b2, train)], -1)
         b3 = conv(256, (1, 1), "branch3_1")(_avg_pool(x), train)
         return jnp.concatenate([b0, b1, b2, b3], -1)
-
-
-ENCODERS: dict[str, Callable[..., InceptionV4Encoder]] = {"inceptionv4": InceptionV4Encoder}
 
 
 def _chain(parent: nn.Module, prefix: str, specs: Sequence[tuple], x: jax.Array, train: bool) -> jax.Array:

@@ -1,11 +1,10 @@
 """Host memory: ask glibc's malloc for transparent huge pages, which XLA:CPU's scratch buffers need at speed.
 
-Why: at every call XLA:CPU mallocs the program's whole scratch buffer (about 1.5 GB for an FPN-b5 training
-step at batch 2) and frees it at the end. glibc serves an allocation that big with a fresh ``mmap``, so the
-kernel faults it in again, 4 KiB at a time, on every call. Measured on a 2-core AMD EPYC, Unet-SE-ResNeXt50
-train step at batch 2: 229k page faults and 1.16 s a step; with glibc's ``glibc.malloc.hugetlb=1`` tunable
-(malloc marks its memory ``MADV_HUGEPAGE``, so the kernel faults it in 2 MiB at a time) 700 faults and
-0.98 s. PyTorch, whose tensors mostly come from glibc's reused heap, gained 2-11% in the same benchmark.
+Why: at every call XLA:CPU mallocs the program's whole scratch buffer (gigabytes for a training step) and
+frees it at the end. glibc serves an allocation that big with a fresh ``mmap``, so the kernel faults it in
+again, 4 KiB at a time, on every call. With glibc's ``glibc.malloc.hugetlb=1`` tunable malloc marks its
+memory ``MADV_HUGEPAGE`` and the kernel faults it in 2 MiB at a time (docs/performance.md, "Host memory and
+huge pages").
 
 glibc reads tunables only when a process starts, so :func:`reexec_with_huge_pages` restarts the running
 command once with the tunable added to ``GLIBC_TUNABLES``. The command-line entry points call it first;

@@ -1,0 +1,1 @@
+"""Decoders on an encoder's feature pyramid: Unet (:mod:`.unet`) and FPN (:mod:`.fpn`), each with its head."""
