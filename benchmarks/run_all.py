@@ -25,9 +25,9 @@ alternated; compile times apart):
   work in one process (JPEG + RLE + augmentation), from ``bench_pipeline``.
 
 ``--quick`` keeps the FPN-b5 model rows (forward, train step), post-processing, RLE and the in-process
-pipeline. The whole run takes ~10 minutes on 2 idle cores (``--quick`` ~4); compiling the two train steps
-is most of it. Torch's OpenMP threads are made passive (``OMP_WAIT_POLICY=PASSIVE``): spinning threads on a
-shared CPU slowed the reference 5x in our runs.
+pipeline. Compiling the two train steps is most of a run's time (run lengths: docs/performance.md,
+"Benchmarks"). Torch's OpenMP threads are made passive (``OMP_WAIT_POLICY=PASSIVE``): threads spinning on a
+shared CPU slow the reference down.
 """
 
 from __future__ import annotations
