@@ -166,3 +166,19 @@ def test_score_post_layout_submission_and_long_rle(folder, tmp_path):
     kaggle.write_submission(str(tmp_path / "long.csv"), rows)
     assert len(rows["aaa.jpg"][0]) > 131072
     assert kaggle.read_submission(str(tmp_path / "long.csv"))["aaa.jpg"][0] == rows["aaa.jpg"][0]
+
+
+def test_read_truth_for_gives_exactly_the_asked_images(tmp_path):
+    rle = rle_encode(np.pad(np.ones((2, 2), bool), ((0, 254), (0, 1598))))
+    rows = {"a.jpg": [rle, "", "", ""], "b.jpg": ["", "", "", ""]}
+    competition, post = str(tmp_path / "competition.csv"), str(tmp_path / "post.csv")
+    kaggle.write_submission(competition, rows)
+    kaggle.write_submission(post, rows, layout="post")
+    for path in (competition, post):
+        truth = kaggle.read_truth_for(path, ["b.jpg", "a.jpg", "c.jpg"])
+        assert list(truth) == ["b.jpg", "a.jpg", "c.jpg"]
+        assert truth["a.jpg"][0] == rle and truth["c.jpg"] == ["", "", "", ""]
+    # a post-layout CSV lists defect rows only, so an unlisted image is defect-free even when all are required
+    assert kaggle.read_truth_for(post, ["c.jpg"], require_all=True) == {"c.jpg": ["", "", "", ""]}
+    with pytest.raises(ValueError, match=r"competition\.csv: 1 image\(s\) have no truth rows: c\.jpg"):
+        kaggle.read_truth_for(competition, ["a.jpg", "c.jpg"], require_all=True)

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     started = time.perf_counter()
     config = flags.postprocess_config(args)
     ids = _image_ids(args.images, args.sample_submission)
-    truth = _read_truth(args.truth, ids) if args.truth else None
+    truth = kaggle.read_truth_for(args.truth, ids) if args.truth else None
 
     ensemble = flags.ensemble_from_args(args, config)
     paths = [os.path.join(args.images, i) for i in ids]
@@ -144,12 +144,6 @@ def _image_ids(image_dir: str, sample_submission: str | None) -> list[str]:
     if extra:
         print(f"note: {extra} image(s) in {image_dir} are not in {sample_submission} and are not predicted")
     return order
-
-
-def _read_truth(csv_path: str, ids) -> dict:
-    """Truth RLEs for the overlays: ``{image_id: [4 RLE]}``, absent images (post layout) empty."""
-    truth = kaggle.read_submission(csv_path)
-    return {i: truth.get(i, [""] * kaggle.NUM_CLASSES) for i in ids}
 
 
 def _save_overlay(out_dir: str, image_dir: str, result: ImageResult, truth) -> None:

@@ -117,7 +117,7 @@ class Data:
         self.meta, self._chunks = read_saved_probs(probs_path)
         self.chunk, self.quiet = chunk, quiet
         ids = [str(i) for i in self.meta.image_ids]
-        self.truth = _read_truth(truth_csv, ids)
+        self.truth = kaggle.read_truth_for(truth_csv, ids, require_all=True)
         self.keep = np.asarray(self.meta.valid, bool)
         if not self.keep.all():
             print(f"note: {int((~self.keep).sum())} image(s) failed to load at prediction time and are left out: "
@@ -319,14 +319,6 @@ def _probabilities(args) -> tuple[str, bool]:
             os.remove(path)
         raise
     return path, temporary
-
-
-def _read_truth(csv_path: str, ids) -> dict:
-    truth = kaggle.read_submission(csv_path)
-    missing = [i for i in ids if i not in truth]
-    if missing and not kaggle.is_post_layout(csv_path):
-        raise ValueError(f"{csv_path}: {len(missing)} image(s) have no truth rows: {', '.join(missing[:5])}")
-    return {i: truth.get(i, [""] * 4) for i in ids}
 
 
 def _print_report(report: dict) -> None:

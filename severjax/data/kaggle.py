@@ -80,6 +80,20 @@ def read_pair(truth_csv: str, submission_csv: str, truth_images: str | None = No
     return truth, submission
 
 
+def read_truth_for(csv_path: str, ids: Sequence[str], require_all: bool = False) -> Annotations:
+    """The truth RLEs ``{image_id: [4 RLE]}`` of exactly ``ids``; an image the CSV does not list is empty.
+
+    ``require_all``: a competition-layout CSV lists every image it covers, so there an image it lacks is an
+    error naming the CSV and the images (a post-layout CSV lists defect rows only: absent means empty).
+    """
+    truth = read_submission(csv_path)
+    if require_all and not is_post_layout(csv_path):
+        missing = [i for i in ids if i not in truth]
+        if missing:
+            raise ValueError(f"{csv_path}: {len(missing)} image(s) have no truth rows: {', '.join(missing[:5])}")
+    return {i: truth.get(i, [""] * NUM_CLASSES) for i in ids}
+
+
 def is_post_layout(csv_path: str) -> bool:
     """Whether a CSV's header is the post-competition layout's (``ImageId,ClassId,EncodedPixels``)."""
     with open(csv_path, newline="", errors="replace") as f:
